@@ -1,0 +1,1 @@
+"""dealcl: continual low-rank fine-tuning of language models."""
