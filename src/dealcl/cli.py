@@ -1,0 +1,191 @@
+"""`dealcl` command line. A mistake in the user's input is one `error:` line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EPILOG = "Docs: README.md and docs/ in the dealcl repository."
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse prints usage plus an error on bad flags; we print just one `error:` line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--benchmark", help="tc, standard or long (`dealcl benchmarks`)")
+    p.add_argument("--order", type=str, help="task order of the benchmark (standard: 1-3, long: 4-6)")
+    p.add_argument("--tasks", help="a custom sequence: comma-separated dataset names or task folders")
+    p.add_argument("--method", help="registered name (`dealcl methods`) or path/to/file.py:ClassName")
+    p.add_argument("--model", help="short name (`dealcl models`), Hugging Face id, local folder or .gguf file")
+    p.add_argument("--output", "-o", help="run directory (default runs/<benchmark>-<method>)")
+    p.add_argument("--data", help="CL_Benchmark root (default $DEALCL_DATA, ../shared/CL_Benchmark, ./data/CL_Benchmark)")
+    p.add_argument("--train-per-task", dest="train_per_task", type=str, help="cap on training examples per task")
+    p.add_argument("--test-per-task", dest="test_per_task", type=str, help="cap on test examples per task")
+    p.add_argument("--val-per-task", dest="val_per_task", type=str, help="validation examples held out of train")
+    p.add_argument("--sample", help="first (upstream) or random (seeded) examples under a cap")
+    p.add_argument("--epochs", type=str)
+    p.add_argument("--lr", type=str, help="learning rate (default: the method's calibrated value)")
+    p.add_argument("--batch-size", dest="batch_size", type=str)
+    p.add_argument("--grad-accum", dest="grad_accum", type=str)
+    p.add_argument("--seed", type=str)
+    p.add_argument("--precision", help="auto, bf16 or fp32")
+    p.add_argument("--prompt-style", dest="prompt_style", help="plain (upstream prompt) or chat (model's chat template)")
+    p.add_argument("--eval-all-stages", dest="eval_all_stages", action="store_const", const=True,
+                   help="evaluate every task after every stage (gives forward transfer)")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True,
+                   help="allow a model's own Python code to run (off by default)")
+    p.add_argument("--config", help="YAML config file (a run.yaml works too)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, method.KEY=VALUE for method options")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="dealcl", description="Continual low-rank fine-tuning of language models.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run a whole continual task sequence")
+    _add_run_flags(run)
+
+    resume = sub.add_parser("resume", help="continue a run after its last finished stage")
+    resume.add_argument("run_dir")
+    resume.add_argument("--quiet", action="store_true")
+
+    report = sub.add_parser("report", help="accuracy matrix, AA and BWT of one or several runs")
+    report.add_argument("run_dirs", nargs="+")
+
+    predict = sub.add_parser("predict", help="answer new inputs with a run's final model")
+    predict.add_argument("run_dir")
+    predict.add_argument("--input", required=True, help="JSON, JSONL or CSV file with a `sentence` field")
+    predict.add_argument("--task", help="which task's prompt to use (default: the run's last task)")
+    predict.add_argument("--output", help="write JSONL here instead of standard output")
+
+    sub.add_parser("methods", help="list the continual methods")
+    sub.add_parser("benchmarks", help="list the benchmarks and their task orders")
+    sub.add_parser("models", help="list the model short names")
+
+    data = sub.add_parser("data", help="benchmark data")
+    data_sub = data.add_subparsers(dest="data_command", parser_class=Parser, metavar="ACTION")
+    data_sub.required = True
+    download = data_sub.add_parser("download", help="fetch CL_Benchmark from the O-LoRA repository (needs internet)")
+    download.add_argument("dest", nargs="?", default="data/CL_Benchmark")
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    keys = [
+        "benchmark", "order", "method", "model", "data", "train_per_task", "test_per_task", "val_per_task", "sample",
+        "epochs", "lr", "batch_size", "grad_accum", "seed", "precision", "prompt_style", "eval_all_stages",
+        "trust_remote_code",
+    ]
+    flags = {k: getattr(args, k) for k in keys}
+    if args.tasks is not None:
+        flags["tasks"] = args.tasks
+    return flags
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runs.config import build_config
+    from .runs.driver import run_continual
+    from .runs.report import RunSummary, format_report, load_run
+
+    config = build_config(Path(args.config) if args.config else None, _flags(args), args.overrides)
+    output = Path(args.output) if args.output else Path("runs") / f"{config.benchmark or 'custom'}-{config.method.replace('/', '_')}"
+    run_continual(config, output, progress=not args.quiet)
+    print(format_report([load_run(output)]))
+    print(f"results: {output}/results.json")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .runs.driver import resume_config, run_continual
+    from .runs.report import format_report, load_run
+
+    run_dir = Path(args.run_dir)
+    config = resume_config(run_dir)
+    run_continual(config, run_dir, progress=not args.quiet)
+    print(format_report([load_run(run_dir)]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .runs.report import format_report, load_run
+
+    print(format_report([load_run(Path(p)) for p in args.run_dirs]))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .runs.predict import predict_file
+
+    predict_file(Path(args.run_dir), Path(args.input), task_name=args.task, output=Path(args.output) if args.output else None)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import list_methods
+
+    methods = list_methods()
+    width = max(len(m.name) for m in methods)
+    for m in methods:
+        print(f"{m.name:<{width}}  {m.description}")
+        print(f"{'':<{width}}  paper: {m.paper}")
+    return 0
+
+
+def cmd_benchmarks(args: argparse.Namespace) -> int:
+    from .data.benchmarks import list_benchmarks
+
+    for name, order, tasks in list_benchmarks():
+        label = name if order is None else f"{name} --order {order}"
+        print(f"{label:<20} {len(tasks):>2} tasks: {' → '.join(tasks)}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.registry import DEFAULT_MODEL, list_models
+
+    for spec in list_models():
+        mark = " (default)" if spec.name == DEFAULT_MODEL else ""
+        print(f"{spec.name:<24} {spec.source:<40} {spec.description}{mark}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data.download import download_cl_benchmark
+
+    download_cl_benchmark(Path(args.dest))
+    print(f"CL_Benchmark downloaded to {args.dest}")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
+    "benchmarks": cmd_benchmarks, "models": cmd_models, "data": cmd_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        message = " ".join(str(exc).split())  # exactly one line
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are kept, continue with `dealcl resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

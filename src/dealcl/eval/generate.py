@@ -1,0 +1,87 @@
+"""Batched greedy generation: the answers exact match is computed on.
+
+Prompts are sorted by length so a batch pads little; decoder-only batches are left-padded and
+the attention mask is always passed (upstream put it in the GenerationConfig, where `generate`
+never reads it, so pad tokens were attended: deal_spec.md §2.4). Generation stops at EOS or after
+the longest label's token count plus 3 tokens.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from ..data.types import Task
+from ..train.batching import PromptEncoder
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: torch.nn.Module,
+    encoder: PromptEncoder,
+    task: Task,
+    sentences: list[str],
+    *,
+    arch: str,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    progress: bool = True,
+) -> tuple[list[str], float]:
+    """Greedy answers for `sentences`, in input order, and the seconds it took."""
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    prompts = [encoder.prompt_ids(task, s) for s in sentences]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    tokenizer = encoder.tokenizer
+    config = GenerationConfig(
+        max_new_tokens=encoder.max_new_tokens(task),
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=encoder.eos_id,
+        pad_token_id=encoder.pad_id,
+        decoder_start_token_id=getattr(getattr(model, "config", None), "decoder_start_token_id", None),
+    )
+    answers: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=f"eval {task.name}", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        rows = [prompts[i] for i in chunk]
+        pad = _left_pad if arch == "causal" else _right_pad
+        input_ids, attention_mask = pad(rows, encoder.pad_id)
+        with autocast():
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+        new_tokens = output[:, input_ids.shape[1] :] if arch == "causal" else output
+        texts = tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
+        for i, text in zip(chunk, texts):
+            answers[i] = text.strip()
+        bar.update(len(chunk))
+    bar.close()
+    if was_training:
+        model.train()
+    return answers, time.perf_counter() - started

@@ -1,0 +1,158 @@
+"""The contract between a continual method and the one training loop.
+
+A method is a config dataclass plus a subclass of `ContinualMethod` that overrides only the hooks
+it needs (the Avalanche idea, see ../shared/docs/STYLE.md). The driver calls the hooks in this
+order for every stage:
+
+    prepare_model            once, before the first stage (wrap the base model with adapters)
+    on_task_start            create this task's adapter, choose what trains
+    training_items           what the stage trains on (Replay mixes a buffer in, MTL joins tasks)
+    build_optimizer          AdamW by default; GORP brings its projected Adam
+      per step: extra_losses → backward → after_backward → clip → step
+    on_task_end              fold, merge, build memories
+    save_state / load_state  everything needed to rebuild the model after this stage
+    eval_model               the model used to evaluate one task (PerTask picks its own adapter)
+    eval_fingerprint         lets the driver reuse predictions when the model is provably unchanged
+
+The training loop never names a method; a method never needs to read the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+
+from ..data.types import Example, Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..train.loop import TrainingServices
+
+
+@dataclass
+class Stage:
+    """One step of a continual run: train on `train_tasks`, then evaluate.
+
+    `index` counts from 1; `name` names the output folders (`<index>-<name>`)."""
+
+    index: int
+    name: str
+    train_tasks: list[Task]
+
+
+@dataclass
+class MethodConfig:
+    """Options every method accepts. Subclasses add their own fields with defaults."""
+
+
+@dataclass
+class LoraOptions(MethodConfig):
+    """LoRA shape for the methods built on PEFT LoRA adapters.
+
+    `rank`/`alpha` of None pick the method's default for the model's architecture. Target
+    modules of None pick q and v: every T5 attention q,v (self and cross) or LLaMA q_proj,v_proj.
+    """
+
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float = 0.1
+    target_modules: list[str] | None = None
+
+
+TrainItem = tuple[Task, Example]
+
+
+class ContinualMethod:
+    """Base class: a method that trains nothing and changes nothing (the zero-shot reference)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # Training defaults this method was calibrated with on the embedded model (docs/METHODS.md).
+    default_lr: ClassVar[float] = 5e-4
+    # False for methods whose model never changes: the driver then skips training altogether.
+    trains: ClassVar[bool] = True
+    # True when the run is one joint stage (MTL): results report AA only.
+    joint: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, services: "TrainingServices") -> None:
+        self.config = config
+        self.services = services
+
+    # ---- structure of the run ---------------------------------------------------------------
+    def stages(self, tasks: list[Task]) -> list[Stage]:
+        return [Stage(index=k + 1, name=task.name, train_tasks=[task]) for k, task in enumerate(tasks)]
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    # ---- per task ----------------------------------------------------------------------------
+    def on_task_start(self, model: torch.nn.Module, stage: Stage) -> None:
+        pass
+
+    def training_items(self, stage: Stage) -> list[TrainItem]:
+        return [(task, example) for task in stage.train_tasks for example in task.train]
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def build_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        # Upstream: HF Trainer defaults (AdamW, betas 0.9/0.999, eps 1e-8, no weight decay).
+        return torch.optim.AdamW(self.trainable_parameters(model), lr=lr, weight_decay=0.0)
+
+    def extra_losses(self, model: torch.nn.Module, batch: dict[str, Any], answer_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named loss terms added to the task loss of one micro-batch (already normalised)."""
+        return {}
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        pass
+
+    def on_task_end(self, model: torch.nn.Module, stage: Stage) -> None:
+        pass
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def eval_model(self, model: torch.nn.Module, task: Task) -> Iterator[torch.nn.Module]:
+        yield model
+
+    def eval_fingerprint(self, task: Task, stage: Stage | None) -> str | None:
+        """A key that names the exact model `task` is evaluated with, or None if it may differ
+        from any earlier evaluation. Equal keys let the driver reuse earlier predictions."""
+        return None if self.trains else "base-model"
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_state(self, model: torch.nn.Module, directory: Path) -> None:
+        pass
+
+    def load_state(self, model: torch.nn.Module, directory: Path, stage: Stage) -> None:
+        """Bring a freshly prepared model to the state it had right after `stage` ended."""
+
+    # ---- helpers -----------------------------------------------------------------------------
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls.config_class))
+
+
+REGISTRY: dict[str, type[ContinualMethod]] = {}
+
+
+def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Class decorator: make a method available by its `name` (`--method NAME`)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def count_parameters(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+__all__ = [
+    "ContinualMethod", "MethodConfig", "LoraOptions", "Stage", "TrainItem", "REGISTRY", "register",
+    "count_parameters", "field",
+]

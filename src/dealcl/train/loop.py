@@ -1,0 +1,196 @@
+"""The one training loop. It calls the method's hooks and never names a method.
+
+Per optimizer step it takes `batch_size × grad_accum` examples, splits them into micro-batches
+padded to their own longest sequence, and normalises the summed token cross-entropy by the
+number of answer tokens in the whole step, so gradient accumulation gives exactly the gradient
+of one big batch (and, later, of a batch sharded over processes).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import NonFiniteLossError
+from ..methods.base import ContinualMethod, Stage, TrainItem
+from .batching import EncodedExample, PromptEncoder, collate_train, num_targets
+
+log = logging.getLogger("dealcl")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` picks bf16 autocast where the hardware runs it fast, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (adapters stay injected in its layers)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass
+class TrainSettings:
+    lr: float
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+
+
+class TrainingServices:
+    """What a method may use from the engine: the encoder, autocast, and the answer-only forward."""
+
+    def __init__(self, encoder: PromptEncoder, arch: str, precision: str, device: torch.device) -> None:
+        self.encoder = encoder
+        self.arch = arch
+        self.precision = precision
+        self.device = device
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def answer_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """Logits at the answer positions only, shape [answer tokens, vocab].
+
+        For decoder-only models the LM head runs on the answer positions alone: on a 49k
+        vocabulary the head over every prompt position costs as much as several layers."""
+        rows, positions = batch["target_rows"], batch["target_positions"]
+        if self.arch == "causal":
+            lm = unwrap(model)
+            body = getattr(lm, lm.base_model_prefix)
+            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+            return lm.get_output_embeddings()(hidden[rows, positions])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+        )
+        return out.logits[rows, positions]
+
+    def batches(self, items: list[TrainItem], batch_size: int) -> Iterator[dict]:
+        """Batches in item order, for methods that need a pass over data (EWC's Fisher, LwF's teacher)."""
+        encoded = self.encode_items(items)
+        for start in range(0, len(encoded), batch_size):
+            yield self.to_device(collate_train(encoded[start : start + batch_size], self.arch, self.encoder.pad_id))
+
+    def encode_items(self, items: list[TrainItem]) -> list[EncodedExample]:
+        return [self.encoder.encode(task, ex.sentence, ex.label, index=i) for i, (task, ex) in enumerate(items)]
+
+    def task_loss_sum(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token cross-entropy over the batch's answer tokens, answer logits)."""
+        with self.autocast():
+            logits = self.answer_logits(model, batch)
+        return F.cross_entropy(logits.float(), batch["target_ids"], reduction="sum"), logits
+
+
+def _steps(order: list[int], step_size: int) -> list[list[int]]:
+    return [order[i : i + step_size] for i in range(0, len(order), step_size)]
+
+
+def train_stage(
+    model: torch.nn.Module,
+    method: ContinualMethod,
+    stage: Stage,
+    items: list[TrainItem],
+    settings: TrainSettings,
+    services: TrainingServices,
+    progress: bool = True,
+) -> dict:
+    """Train `model` on `items` for one stage; return throughput and loss statistics."""
+    model.train()
+    optimizer = method.build_optimizer(model, settings.lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    encoded = services.encode_items(items)
+    # The stage's randomness (data order, dropout) depends only on the seed and the stage index,
+    # so a resumed run retrains a stage exactly as an uninterrupted one would.
+    stage_seed = settings.seed * 1000 + stage.index
+    generator = torch.Generator().manual_seed(stage_seed)
+    torch.manual_seed(stage_seed)
+
+    step_size = settings.batch_size * settings.grad_accum
+    steps_per_epoch = math.ceil(len(encoded) / step_size)
+    total_steps = steps_per_epoch * settings.epochs
+    bar = tqdm(total=total_steps, desc=f"train {stage.index}-{stage.name}", disable=not progress, leave=False)
+    started = time.perf_counter()
+    step = 0
+    running: dict[str, float] = {}
+    last_logged: dict[str, float] = {}
+    for _epoch in range(settings.epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for step_indices in _steps(order, step_size):
+            step += 1
+            micro_batches = [
+                services.to_device(collate_train([encoded[i] for i in chunk], services.arch, services.encoder.pad_id))
+                for chunk in _steps(step_indices, settings.batch_size)
+            ]
+            step_targets = sum(num_targets(b) for b in micro_batches)
+            terms_this_step: dict[str, float] = {}
+            for batch in micro_batches:
+                share = num_targets(batch) / step_targets
+                loss_sum, logits = services.task_loss_sum(model, batch)
+                task_loss = loss_sum / step_targets
+                extras = method.extra_losses(model, batch, logits)
+                loss = task_loss + sum((term * share for term in extras.values()), torch.zeros((), device=task_loss.device))
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) in task '{stage.name}' (stage {stage.index}) at step {step}; "
+                        f"the last finished stage is kept: lower the learning rate (now lr={settings.lr:g}, "
+                        f"try lr={settings.lr / 10:g}) or use precision=fp32, then `dealcl resume`"
+                    )
+                loss.backward()
+                terms_this_step["task"] = terms_this_step.get("task", 0.0) + float(task_loss.detach())
+                for name, term in extras.items():
+                    terms_this_step[name] = terms_this_step.get(name, 0.0) + float(term.detach()) * share
+            method.after_backward(model)
+            if settings.max_grad_norm and settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for name, value in terms_this_step.items():
+                running[name] = running.get(name, 0.0) + value
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(terms_this_step.values()):.4f}")
+            if step % settings.log_every == 0 or step == total_steps:
+                last_logged = {k: v / step for k, v in running.items()}
+                log.info(
+                    "stage %d-%s step %d/%d %s", stage.index, stage.name, step, total_steps,
+                    " ".join(f"{k}={v:.4f}" for k, v in terms_this_step.items()),
+                )
+    bar.close()
+    seconds = time.perf_counter() - started
+    examples = len(encoded) * settings.epochs
+    return {
+        "train_examples": examples,
+        "train_steps": step,
+        "train_seconds": seconds,
+        "train_samples_per_second": examples / seconds if seconds > 0 else None,
+        "mean_loss_terms": last_logged or {k: v / max(step, 1) for k, v in running.items()},
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
