@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -10,10 +11,10 @@ from pathlib import Path
 from ..errors import UserError
 from .base import REGISTRY, ContinualMethod, LoraOptions, MethodConfig, Stage, register
 
-# Importing a module registers its method.
-_BUILTIN_MODULES = ["zeroshot", "seqlora"]
-for _module in _BUILTIN_MODULES:
-    importlib.import_module(f"{__name__}.{_module}")
+# Importing a module registers its method: every module of this package is one method (or a
+# helper such as `lora`), so adding a method is adding a file.
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
 ENTRY_POINT_GROUP = "dealcl.methods"
 

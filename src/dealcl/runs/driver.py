@@ -1,0 +1,454 @@
+"""The continual driver: for each stage, set up the method, train, checkpoint, evaluate, record.
+
+Read it top to bottom (`run_continual`): everything the user gave is checked before the run
+directory is touched; then the untouched model is evaluated once (the zero-shot reference);
+then each stage trains, saves the method's state atomically, evaluates tasks 1..k and writes its
+outputs. A killed run resumes after its last stage whose files match their manifests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..data.benchmarks import resolve_sequence
+from ..data.loading import default_data_dir, load_task
+from ..data.types import Task
+from ..errors import UserError
+from ..eval.generate import generate_answers
+from ..eval.metrics import normalize_answer, score_task, summarize
+from ..methods import ContinualMethod, Stage, resolve_method
+from ..models.loading import LoadedModel, load_model
+from ..train.batching import PromptEncoder
+from ..train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
+from .config import RunConfig, config_from_dict, method_config
+from .store import RunStore, atomic_write_json, atomic_write_text, dumps_json, sha256_file, verify_stage_dir, write_stage_dir
+
+log = logging.getLogger("dealcl")
+REFERENCE = "reference"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before the run directory is created."""
+
+    config: RunConfig
+    data_dir: Path
+    tasks: list[Task]
+    method_class: type[ContinualMethod]
+    method_options: Any
+    lr: float
+    loaded: LoadedModel
+    device: torch.device
+    precision: str
+
+
+def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
+    """Validate the whole configuration and load data and model; touches no run directory."""
+    sequence = resolve_sequence(config.benchmark, config.order, config.tasks)
+    data_dir = Path(config.data).expanduser() if config.data else default_data_dir()
+    if not data_dir.is_dir():
+        raise UserError(f"data directory does not exist: {data_dir}")
+    unknown_epoch_tasks = set(config.task_epochs) - set(sequence)
+    if unknown_epoch_tasks:
+        raise UserError(f"task_epochs names a task not in the sequence: {sorted(unknown_epoch_tasks)[0]}")
+    method_class = resolve_method(config.method)
+    options = method_config(method_class.config_class, config.method_options, config.method)
+    tasks = [
+        load_task(
+            name, data_dir, train_per_task=config.train_per_task, test_per_task=config.test_per_task,
+            val_per_task=config.val_per_task, sample=config.sample, seed=config.seed,
+        )
+        for name in sequence
+    ]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"the task sequence names a task twice: {names}")
+    if loaded is None:
+        loaded = load_model(config.model, trust_remote_code=config.trust_remote_code)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded.model.to(device)
+    precision = resolve_precision(config.precision, device)
+    return Prepared(config, data_dir, tasks, method_class, options, config.lr or method_class.default_lr, loaded, device, precision)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_yaml(prep: Prepared) -> dict[str, Any]:
+    config = prep.config
+    return {
+        "config": dataclasses.asdict(config),
+        "effective": {
+            "task_order": [t.name for t in prep.tasks],
+            "lr": prep.lr,
+            "method_options": dataclasses.asdict(prep.method_options),
+            "precision": prep.precision,
+            "device": str(prep.device),
+            "data_dir": str(prep.data_dir.resolve()),
+            "model_source": prep.loaded.source,
+            "arch": prep.loaded.arch,
+        },
+        "provenance": {
+            "dealcl": __version__,
+            "packages": _package_versions(),
+            "git_commit": _git_commit(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "data_files": {
+                t.name: {role: {"path": path, "sha256": sha256_file(Path(path))} for role, path in t.files.items()}
+                for t in prep.tasks
+            },
+        },
+    }
+
+
+def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    for key in keys:
+        if key in RunConfig.NON_SEMANTIC:
+            continue
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+    return ""
+
+
+def open_run_dir(output: Path, prep: Prepared) -> RunStore:
+    """Create the run directory, or accept an existing one holding the same config (resume)."""
+    store = RunStore(output)
+    if store.is_run():
+        old = store.read_run_yaml()["config"]
+        difference = _config_difference(old, dataclasses.asdict(prep.config))
+        if difference:
+            raise UserError(
+                f"output directory {output} holds a run with a different config ({difference}); "
+                f"choose another --output, or continue it with `dealcl resume {output}`"
+            )
+        return store
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"output directory {output} exists and is not a dealcl run; choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    store.write_run_yaml(run_yaml(prep))
+    return store
+
+
+def _setup_log(store: RunStore) -> logging.Handler:
+    store.log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(store.log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Evaluator:
+    """Evaluates tasks, writes a stage's outputs, and reuses predictions when the method
+    proves the model unchanged (equal fingerprints)."""
+
+    def __init__(self, prep: Prepared, encoder: PromptEncoder, services: TrainingServices, progress: bool) -> None:
+        self.prep = prep
+        self.encoder = encoder
+        self.services = services
+        self.progress = progress
+        self.cache: dict[tuple[str, str], list[str]] = {}
+
+    def predictions(self, model, method: ContinualMethod | None, task: Task, fingerprint: str | None) -> tuple[list[str], float]:
+        key = (task.name, fingerprint) if fingerprint else None
+        if key is not None and key in self.cache:
+            return self.cache[key], 0.0
+        sentences = [e.sentence for e in task.test]
+        context = method.eval_model(model, task) if method is not None else _null(model)
+        with context as eval_model:
+            answers, seconds = generate_answers(
+                eval_model, self.encoder, task, sentences, arch=self.prep.loaded.arch,
+                batch_size=self.prep.config.eval_batch_size, device=self.prep.device,
+                autocast=self.services.autocast, progress=self.progress,
+            )
+        if key is not None:
+            self.cache[key] = answers
+        return answers, seconds
+
+    def write_stage(self, directory: Path, results: dict[str, dict], fingerprints: dict[str, str | None]) -> None:
+        def fill(tmp: Path) -> None:
+            atomic_write_json(tmp / "predict_results.json", predict_results(self.prep.tasks, results))
+            lines = []
+            for task in self.prep.tasks:
+                if task.name not in results:
+                    continue
+                for example, prediction in zip(task.test, results[task.name]["predictions"]):
+                    lines.append(dumps_json({
+                        "Task": task.task_type, "Dataset": task.name, "sentence": example.sentence,
+                        "label": example.label, "prediction": prediction,
+                    }).replace("\n", " ").strip())
+            atomic_write_text(tmp / "predict_eval_predictions.jsonl", "\n".join(lines) + "\n")
+            atomic_write_json(tmp / "eval_fingerprints.json", fingerprints)
+
+        write_stage_dir(directory, fill)
+
+    def load_stage(self, directory: Path) -> dict[str, dict]:
+        """Read back a finished stage's scores and predictions (for resume)."""
+        import json
+
+        scores = json.loads((directory / "predict_results.json").read_text())
+        fingerprints = json.loads((directory / "eval_fingerprints.json").read_text())
+        predictions: dict[str, list[str]] = {}
+        with open(directory / "predict_eval_predictions.jsonl", encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    predictions.setdefault(row["Dataset"], []).append(row["prediction"])
+        results = {}
+        for name, preds in predictions.items():
+            results[name] = {
+                "exact_match": scores[f"predict_exact_match_for_{name}"],
+                "invalid_rate": scores.get(f"predict_invalid_rate_for_{name}"),
+                "predictions": preds,
+            }
+            if fingerprints.get(name):
+                self.cache[(name, fingerprints[name])] = preds
+        return results
+
+    def evaluate(self, model, method, tasks: list[Task], stage: Stage | None) -> tuple[dict, dict, float, int]:
+        results, fingerprints, seconds, generated = {}, {}, 0.0, 0
+        for task in tasks:
+            fingerprint = "base-model" if method is None else method.eval_fingerprint(task, stage)
+            answers, took = self.predictions(model, method, task, fingerprint)
+            seconds += took
+            generated += len(answers) if took > 0 else 0
+            labels = [e.label for e in task.test]
+            score = score_task(answers, labels, task.labels, with_rouge=self.prep.config.with_rouge)
+            results[task.name] = {**score, "predictions": answers}
+            fingerprints[task.name] = fingerprint
+        return results, fingerprints, seconds, generated
+
+
+class _null:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        return False
+
+
+def predict_results(tasks: list[Task], results: dict[str, dict]) -> dict[str, Any]:
+    """The upstream `predict_results.json` keys, so existing tooling keeps working.
+
+    `predict_exact_match` is upstream's sample-weighted (micro) mean; our AA is the macro mean."""
+    out: dict[str, Any] = {}
+    total = correct = 0.0
+    by_type: dict[str, list[float]] = {}
+    for task in tasks:
+        if task.name not in results:
+            continue
+        r = results[task.name]
+        n = len(r["predictions"])
+        total += n
+        correct += r["exact_match"] * n
+        by_type.setdefault(task.task_type, [0.0, 0.0])
+        by_type[task.task_type][0] += r["exact_match"] * n
+        by_type[task.task_type][1] += n
+    out["predict_exact_match"] = round(correct / total, 4) if total else None
+    for task_type, (c, n) in by_type.items():
+        out[f"predict_exact_match_for_{task_type}"] = round(c / n, 4)
+    for task in tasks:
+        if task.name not in results:
+            continue
+        r = results[task.name]
+        out[f"predict_exact_match_for_{task.name}"] = round(r["exact_match"], 4)
+        out[f"predict_invalid_rate_for_{task.name}"] = round(r["invalid_rate"], 4)
+        out[f"predict_samples_for_{task.name}"] = len(r["predictions"])
+        out[f"predict_unknown_labels_for_{task.name}"] = task.unknown_test_labels
+        if "rougeL" in r:
+            out[f"predict_rougeL_for_{task.name}"] = round(r["rougeL"], 4)
+    out["predict_samples"] = int(total)
+    return out
+
+
+@dataclass
+class RunState:
+    matrix_rows: list[dict[str, dict]] = field(default_factory=list)  # per finished stage: task → scores
+    reference: dict[str, dict] | None = None
+    efficiency: list[dict] = field(default_factory=list)
+
+
+def write_results(store: RunStore, prep: Prepared, stages: list[Stage], state: RunState, joint: bool) -> dict:
+    order = [t.name for t in prep.tasks]
+    matrix = [[row.get(name, {}).get("exact_match") for name in order] for row in state.matrix_rows]
+    invalid = [[row.get(name, {}).get("invalid_rate") for name in order] for row in state.matrix_rows]
+    reference = [state.reference.get(name, {}).get("exact_match") for name in order] if state.reference else None
+    unknown = {t.name: t.unknown_test_labels for t in prep.tasks}
+    summary = summarize(order, matrix, reference, invalid, unknown_labels=unknown, joint=joint)
+    summary = {"method": prep.config.method, "model": prep.config.model, "stages": [s.name for s in stages], **summary}
+    atomic_write_json(store.results_path, summary)
+    return summary
+
+
+def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loaded: LoadedModel | None = None) -> dict:
+    """Run (or resume) a whole continual sequence; returns the results.json content."""
+    prep = prepare(config, loaded)
+    store = open_run_dir(Path(output), prep)
+    handler = _setup_log(store)
+    try:
+        return _run(prep, store, progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
+    config = prep.config
+    torch.manual_seed(config.seed)
+    encoder = PromptEncoder(prep.loaded.tokenizer, prep.loaded.arch, config.max_source_length, config.prompt_style)
+    services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device)
+    evaluator = Evaluator(prep, encoder, services, progress)
+    state = RunState(efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
+    log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,
+             [t.name for t in prep.tasks], prep.precision)
+
+    # Stage 0: the untouched model on every task, the zero-shot reference b_j for FWT.
+    if config.reference_stage:
+        reference_dir = store.output_dir(0, REFERENCE)
+        if verify_stage_dir(reference_dir) is None:
+            state.reference = evaluator.load_stage(reference_dir)
+        else:
+            say(f"stage 0 (zero-shot reference): evaluating {len(prep.tasks)} tasks")
+            results, fingerprints, _, _ = evaluator.evaluate(prep.loaded.model, None, prep.tasks, None)
+            evaluator.write_stage(reference_dir, results, fingerprints)
+            state.reference = results
+
+    method = prep.method_class(prep.method_options, services)
+    model = method.prepare_model(prep.loaded.model)
+    stages = method.stages(prep.tasks)
+    if len({s.name for s in stages}) != len(stages):
+        raise UserError("a method produced two stages with the same name")
+
+    # Resume: the last stage whose checkpoint verifies, and whose earlier outputs all verify.
+    resume_from = 0
+    for stage in stages:
+        if verify_stage_dir(store.adapter_dir(stage.index, stage.name)) is not None:
+            break
+        resume_from = stage.index
+        if verify_stage_dir(store.output_dir(stage.index, stage.name)) is not None:
+            break
+    for stage in stages[:resume_from]:
+        out_dir = store.output_dir(stage.index, stage.name)
+        if verify_stage_dir(out_dir) is None:
+            state.matrix_rows.append(evaluator.load_stage(out_dir))
+    if resume_from:
+        last = stages[resume_from - 1]
+        method.load_state(model, store.adapter_dir(last.index, last.name), last)
+        say(f"resuming {store.root} after stage {last.index} ({last.name})")
+        log.info("resumed after stage %d (%s)", last.index, last.name)
+    for stage in stages[resume_from:]:
+        for directory in (store.adapter_dir(stage.index, stage.name), store.output_dir(stage.index, stage.name)):
+            problem = verify_stage_dir(directory)
+            if directory.exists() and problem is not None:
+                say(f"stage {stage.index} ({stage.name}): {directory.name} is incomplete ({problem}); redoing it")
+                log.warning("redoing %s: %s", directory, problem)
+    state.efficiency = [e for e in state.efficiency if e.get("stage", 0) <= len(state.matrix_rows)]
+
+    summary = write_results(store, prep, stages, state, method.joint) if state.matrix_rows else {}
+    for stage in stages:
+        if stage.index <= len(state.matrix_rows):
+            continue
+        started = time.perf_counter()
+        adapter_dir = store.adapter_dir(stage.index, stage.name)
+        train_stats: dict[str, Any] = {"train_examples": 0, "train_seconds": 0.0, "train_samples_per_second": None}
+        if stage.index > resume_from:
+            method.on_task_start(model, stage)
+            if method.trains:
+                items = method.training_items(stage)
+                epochs = max(config.task_epochs.get(t.name, config.epochs) for t in stage.train_tasks)
+                settings = TrainSettings(
+                    lr=prep.lr, epochs=epochs, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                    max_grad_norm=config.max_grad_norm, seed=config.seed,
+                )
+                train_stats = train_stage(model, method, stage, items, settings, services, progress)
+            method.on_task_end(model, stage)
+            write_stage_dir(adapter_dir, lambda d: method.save_state(model, d))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        eval_tasks = prep.tasks if (config.eval_all_stages or method.joint) else _seen_tasks(prep.tasks, stages, stage)
+        results, fingerprints, eval_seconds, generated = evaluator.evaluate(model, method, eval_tasks, stage)
+        evaluator.write_stage(store.output_dir(stage.index, stage.name), results, fingerprints)
+        state.matrix_rows.append(results)
+        wall = time.perf_counter() - started
+        state.efficiency.append({
+            "stage": stage.index, "task": stage.name, "wall_seconds": round(wall, 3),
+            "train_examples": train_stats["train_examples"], "train_seconds": round(train_stats["train_seconds"], 3),
+            "train_samples_per_second": _round(train_stats["train_samples_per_second"]),
+            "eval_examples": generated, "eval_seconds": round(eval_seconds, 3),
+            "eval_examples_per_second": _round(generated / eval_seconds if eval_seconds > 0 else None),
+            "peak_memory_mb": round(peak_memory_mb(prep.device), 1),
+            "trainable_parameters": train_stats.get("trainable_parameters", trainable),
+        })
+        atomic_write_json(store.efficiency_path, {
+            "device": str(prep.device), "precision": prep.precision, "threads": torch.get_num_threads(),
+            "stages": state.efficiency,
+        })
+        summary = write_results(store, prep, stages, state, method.joint)
+        scores = " ".join(f"{name}={r['exact_match']:.1f}" for name, r in results.items())
+        say(
+            f"stage {stage.index}/{len(stages)} {stage.name}: trained {train_stats['train_examples']} examples "
+            f"in {train_stats['train_seconds']:.0f} s, evaluated {len(eval_tasks)} tasks in {eval_seconds:.0f} s | EM {scores}"
+        )
+        log.info("stage %d %s done: %s", stage.index, stage.name, scores)
+    return summary
+
+
+def _seen_tasks(tasks: list[Task], stages: list[Stage], stage: Stage) -> list[Task]:
+    seen = {t.name for s in stages if s.index <= stage.index for t in s.train_tasks}
+    return [t for t in tasks if t.name in seen]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    store = RunStore(run_dir)
+    if not store.is_run():
+        raise UserError(f"{run_dir} is not a dealcl run directory (no run.yaml)")
+    return config_from_dict(store.read_run_yaml()["config"])

@@ -1,0 +1,251 @@
+"""Read finished runs (dealcl's or upstream's) into accuracy matrices and print them side by side.
+
+Two layouts are understood:
+
+* dealcl: `<run>/results.json` (written by `eval.metrics.summarize`) plus `<run>/run.yaml`.
+* upstream O-LoRA/GORP/DEAL: `<run>/outputs/<k>-<task>/{predict_results,all_results}.json`,
+  stage k = 1..T evaluated on the tasks seen so far (gorp_olora_spec.md §5.1, deal_spec.md §2.6).
+  Per-task keys `predict_exact_match_for_<dataset>` fill the matrix; category keys (TC, SC, …)
+  and the micro `predict_exact_match` are ignored (gorp_olora_spec.md §1.3). A `0-…` folder, as
+  in a dealcl run, holds the zero-shot reference. A stage without predict keys gives a row of
+  None (missing, never zero).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..eval import metrics
+
+_STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
+_MISSING = "—"
+_WIDTH = 100  # terminal columns the report is laid out for
+
+
+@dataclass
+class RunSummary:
+    name: str
+    task_order: list[str]
+    matrix: list[list[float | None]]
+    reference: list[float | None] | None
+    method: str | None
+    model: str | None
+    source: str  # "dealcl" or "upstream"
+    joint: bool = False
+
+    @property
+    def average_accuracy(self) -> float | None:
+        return metrics.average_accuracy(self.matrix)
+
+    @property
+    def backward_transfer(self) -> float | None:
+        return None if self.joint else metrics.backward_transfer(self.matrix)
+
+    @property
+    def forward_transfer(self) -> float | None:
+        return None if self.joint else metrics.forward_transfer(self.matrix, self.reference)
+
+    @property
+    def missing(self) -> list[list]:
+        """[stage, task] pairs of the last row and diagonal that are None."""
+        return metrics.missing_entries(self.task_order, self.matrix, joint=self.joint)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path} is unreadable or not valid JSON") from None
+
+
+def _method_and_model(run_dir: Path, results: dict) -> tuple[str | None, str | None]:
+    """results.json's own keys first, then run.yaml at top level or under `config`."""
+    method, model = results.get("method"), results.get("model")
+    config_path = run_dir / "run.yaml"
+    if config_path.is_file():
+        try:
+            data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            raise UserError(f"{config_path} is unreadable or not valid YAML") from None
+        if isinstance(data, dict):
+            for source in (data, data.get("config")):
+                if isinstance(source, dict):
+                    method = method or source.get("method")
+                    model = model or source.get("model")
+    return (str(method) if method is not None else None, str(model) if model is not None else None)
+
+
+def _load_dealcl(run_dir: Path) -> RunSummary:
+    results_path = run_dir / "results.json"
+    results = _read_json(results_path)
+    try:
+        task_order = list(results["task_order"])
+        matrix = [list(row) for row in results["accuracy_matrix"]]
+    except (TypeError, KeyError):
+        raise UserError(f"{results_path} is not a dealcl results.json (no task_order/accuracy_matrix)") from None
+    method, model = _method_and_model(run_dir, results)
+    return RunSummary(
+        name=run_dir.name, task_order=task_order, matrix=matrix, reference=results.get("reference"),
+        method=method, model=model, source="dealcl", joint=bool(results.get("joint", False)),
+    )
+
+
+def _stage_scores(stage_dir: Path) -> dict:
+    """Upstream keys of one stage; predict_results.json is preferred over all_results.json."""
+    for name in ("predict_results.json", "all_results.json"):
+        if (stage_dir / name).is_file():
+            scores = _read_json(stage_dir / name)
+            if not isinstance(scores, dict):
+                raise UserError(f"{stage_dir / name} is not a JSON object")
+            return scores
+    return {}
+
+
+def _task_scores(scores: dict, task_order: list[str]) -> list[float | None]:
+    row = []
+    for task in task_order:
+        value = scores.get(f"predict_exact_match_for_{task}")
+        row.append(float(value) if isinstance(value, (int, float)) else None)
+    return row
+
+
+def _load_outputs(outputs: Path, run_dir: Path) -> RunSummary | None:
+    stages: dict[int, Path] = {}
+    for child in outputs.iterdir():
+        match = _STAGE_DIR.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        k = int(match.group(1))
+        if k in stages:
+            raise UserError(f"{outputs} has two stage folders numbered {k}: {stages[k].name}, {child.name}")
+        stages[k] = child
+    order = sorted(k for k in stages if k > 0)
+    if not order:
+        return None
+    task_order = [_STAGE_DIR.match(stages[k].name).group(2) for k in order]
+    matrix = [_task_scores(_stage_scores(stages[k]), task_order) for k in order]
+    reference = _task_scores(_stage_scores(stages[0]), task_order) if 0 in stages else None
+    method, model = _method_and_model(run_dir, {})
+    return RunSummary(
+        name=run_dir.name, task_order=task_order, matrix=matrix, reference=reference,
+        method=method, model=model, source="upstream",
+    )
+
+
+def load_run(path: Path) -> RunSummary:
+    """A dealcl run directory, an upstream run directory, or an upstream `outputs` folder."""
+    path = Path(path)
+    if (path / "results.json").is_file():
+        return _load_dealcl(path)
+    if (path / "outputs").is_dir():
+        summary = _load_outputs(path / "outputs", path)
+    elif path.is_dir():
+        summary = _load_outputs(path, path.parent if path.name == "outputs" else path)
+    else:
+        summary = None
+    if summary is None:
+        raise UserError(f"{path} is not a dealcl run or upstream output directory")
+    return summary
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+def _number(value: float | None) -> str:
+    return _MISSING if value is None else f"{value:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]], right_align_from: int = 1) -> list[str]:
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        parts = [cell.rjust(w) if c >= right_align_from else cell.ljust(w) for c, (cell, w) in enumerate(zip(cells, widths))]
+        return "  ".join(parts).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def _stage_label(run: RunSummary, stage: int) -> str:
+    """Row label of 1-based stage `stage`, named like its output folder."""
+    if run.joint:
+        return "joint"
+    task = run.task_order[stage - 1] if stage <= len(run.task_order) else "?"
+    return f"after {stage}-{task}"
+
+
+def _matrix_lines(run: RunSummary) -> list[str]:
+    """The accuracy matrix, split into column blocks that fit the terminal width."""
+    labels = [_stage_label(run, k) for k in range(1, len(run.matrix) + 1)]
+    if run.reference is not None:
+        labels = ["zero-shot", *labels]
+    rows = ([run.reference] if run.reference is not None else []) + run.matrix
+    label_width = max((len(s) for s in labels), default=0)
+    blocks, block, used = [], [], label_width
+    for j in range(len(run.task_order)):
+        width = max(len(run.task_order[j]), 6) + 2
+        if block and used + width > _WIDTH:
+            blocks.append(block)
+            block, used = [], label_width
+        block.append(j)
+        used += width
+    blocks.append(block)
+
+    lines = []
+    for block in blocks:
+        header = [""] + [run.task_order[j] for j in block]
+        body = [[label] + [_number(row[j] if j < len(row) else None) for j in block] for label, row in zip(labels, rows)]
+        lines += _table(header, body) + [""]
+    return lines[:-1]
+
+
+def _over(count: int, total: int) -> str:
+    tasks = "task" if total == 1 else "tasks"
+    return f"over {count} {tasks}" if count == total else f"over {count} of {total} {tasks}"
+
+
+def _run_lines(run: RunSummary) -> list[str]:
+    details = ", ".join(f"{key} {value}" for key, value in (("method", run.method), ("model", run.model)) if value)
+    lines = [f"== {run.name} ({run.source}{', ' + details if details else ''}) =="]
+    lines += _matrix_lines(run)
+    lines.append(f"{_MISSING} = not evaluated or missing")
+    if run.missing:
+        listed = ", ".join(f"{_stage_label(run, stage)}: {task}" for stage, task in run.missing)
+        lines.append(f"missing (needed for AA/BWT, not counted as zero): {listed}")
+
+    n_tasks = len(run.task_order)
+    last_row = run.matrix[-1] if run.matrix else []
+    present = sum(v is not None for v in last_row)
+    lines.append(f"AA  {_number(run.average_accuracy)}  (macro mean {_over(present, n_tasks)})")
+    if not run.joint:
+        bwt_terms = metrics.backward_transfer_terms(run.matrix)
+        lines.append(f"BWT {_number(run.backward_transfer)}  ({_over(len(bwt_terms), max(n_tasks - 1, 0))})")
+        if run.reference is not None:
+            fwt_terms = metrics.forward_transfer_terms(run.matrix, run.reference)
+            lines.append(f"FWT {_number(run.forward_transfer)}  ({_over(len(fwt_terms), max(n_tasks - 1, 0))})")
+    return lines
+
+
+def _shorten(text: str | None, width: int) -> str:
+    text = text or "?"
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def format_report(runs: list[RunSummary]) -> str:
+    """Each run's matrix and metrics, then (for several runs) a side-by-side summary table."""
+    sections = ["\n".join(_run_lines(run)) for run in runs]
+    if len(runs) > 1:
+        header = ["run", "method", "model", "AA", "BWT", "FWT"]
+        rows = [
+            [_shorten(r.name, 28), _shorten(r.method, 12), _shorten(r.model, 30),
+             _number(r.average_accuracy), _number(r.backward_transfer), _number(r.forward_transfer)]
+            for r in runs
+        ]
+        sections.append("\n".join(["== summary ==", *_table(header, rows, right_align_from=3)]))
+    return "\n\n".join(sections) + "\n"

@@ -1,0 +1,101 @@
+"""Loading dealcl and upstream runs, checked against the committed O-LoRA logs (gorp_olora_spec.md §5.1)."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dealcl.errors import UserError
+from dealcl.eval.metrics import summarize
+from dealcl.runs.report import format_report, load_run
+
+REFERENCE_RUNS = Path(__file__).resolve().parents[2] / "shared" / "reference-runs" / "olora-t5-large"
+needs_reference_runs = pytest.mark.skipif(not REFERENCE_RUNS.is_dir(), reason="reference runs not available")
+
+
+@needs_reference_runs
+def test_order1_olora_matches_spec():
+    run = load_run(REFERENCE_RUNS / "order1_olora")
+    assert run.source == "upstream"
+    assert run.task_order == ["dbpedia", "amazon", "yahoo", "agnews"]
+    assert run.average_accuracy == pytest.approx(78.37, abs=0.01)
+    assert run.backward_transfer == pytest.approx(-1.18, abs=0.01)
+    assert run.forward_transfer is None  # upstream never evaluates a task before learning it
+    assert run.missing == []
+
+
+@needs_reference_runs
+def test_order1_seqlora_stage3_is_missing_not_zero():
+    run = load_run(REFERENCE_RUNS / "order1_seqlora")
+    assert run.matrix[2] == [None, None, None, None]  # stage 3 (yahoo) has no predict keys
+    assert run.missing == [[3, "yahoo"]]
+    assert run.average_accuracy == pytest.approx(62.88, abs=0.01)
+    assert run.backward_transfer == pytest.approx(-29.21, abs=0.01)  # dbpedia and amazon only
+    text = format_report([run])
+    assert "—" in text
+    assert "missing" in text and "after 3-yahoo: yahoo" in text
+    assert "over 2 of 3 tasks" in text
+
+
+@needs_reference_runs
+def test_long_olora_macro_not_micro():
+    run = load_run(REFERENCE_RUNS / "long_olora" / "outputs")  # the outputs folder itself works too
+    assert run.name == "long_olora"
+    assert len(run.task_order) == 15 and run.task_order[8] == "SST-2"
+    assert "TC" not in run.task_order
+    assert run.average_accuracy == pytest.approx(72.17, abs=0.01)  # micro would be 73.88
+
+
+@needs_reference_runs
+def test_report_of_several_runs_fits_100_columns():
+    runs = [load_run(REFERENCE_RUNS / name) for name in ("order1_olora", "order1_seqlora", "long_olora")]
+    text = format_report(runs)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "== summary ==" in text and "78.37" in text and "72.17" in text
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_upstream_layout_reference_and_predict_results_preferred(tmp_path):
+    outputs = tmp_path / "run" / "outputs"
+    _write_json(outputs / "0-reference" / "predict_results.json", {"predict_exact_match_for_a": 10.0, "predict_exact_match_for_b": 20.0})
+    _write_json(outputs / "1-a" / "predict_results.json", {"predict_exact_match_for_a": 90.0, "predict_exact_match_for_b": 40.0})
+    _write_json(outputs / "1-a" / "all_results.json", {"predict_exact_match_for_a": 1.0})
+    _write_json(outputs / "2-b" / "all_results.json", {"predict_exact_match_for_a": 70.0, "predict_exact_match_for_b": 80.0,
+                                                       "predict_exact_match_for_TC": 75.0})
+    run = load_run(tmp_path / "run")
+    assert run.task_order == ["a", "b"]
+    assert run.reference == [10.0, 20.0]
+    assert run.matrix == [[90.0, 40.0], [70.0, 80.0]]
+    assert run.forward_transfer == pytest.approx(40.0 - 20.0)
+    assert "FWT 20.00" in format_report([run])
+
+
+def test_dealcl_layout(tmp_path):
+    run_dir = tmp_path / "my-run"
+    summary = summarize(["a", "b"], [[90.0, None], [70.0, 80.0]], reference=[10.0, 20.0])
+    _write_json(run_dir / "results.json", summary)
+    (run_dir / "run.yaml").write_text(yaml.safe_dump({"config": {"method": "deal", "model": "t5-small"}}))
+    run = load_run(run_dir)
+    assert (run.name, run.source, run.method, run.model, run.joint) == ("my-run", "dealcl", "deal", "t5-small", False)
+    assert run.average_accuracy == 75.0 and run.backward_transfer == -20.0
+    assert run.forward_transfer is None  # R[0][1] not evaluated
+
+
+def test_dealcl_joint_run(tmp_path):
+    _write_json(tmp_path / "results.json", {"method": "mtl", **summarize(["a", "b"], [[70.0, 90.0]], joint=True)})
+    run = load_run(tmp_path)
+    assert run.joint and run.method == "mtl"
+    assert run.average_accuracy == 80.0 and run.backward_transfer is None
+    assert "BWT" not in format_report([run])
+
+
+def test_neither_layout_is_a_user_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="not a dealcl run or upstream output directory"):
+        load_run(tmp_path)
+    with pytest.raises(UserError, match="not a dealcl run or upstream output directory"):
+        load_run(tmp_path / "does-not-exist")
