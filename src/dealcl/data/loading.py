@@ -149,8 +149,8 @@ def _split_file(task_dir: Path, split: str) -> Path:
     return found[0]
 
 
-def _read_records(path: Path) -> list[Example]:
-    """Examples of one split file, checked record by record."""
+def _read_rows(path: Path, required: tuple[str, ...]) -> list[Any]:
+    """The raw records of a JSON list, JSONL or CSV file (CSV must have the `required` columns)."""
     text = _read_text(path)
     rows: list[Any]
     if path.suffix == ".jsonl":
@@ -164,7 +164,7 @@ def _read_records(path: Path) -> list[Example]:
     elif path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         fields = reader.fieldnames or []
-        missing = [c for c in ("sentence", "label") if c not in fields]
+        missing = [c for c in required if c not in fields]
         if missing:
             raise UserError(f"{path}: CSV header lacks column {', '.join(missing)} (found: {', '.join(fields) or 'none'})")
         try:
@@ -174,20 +174,49 @@ def _read_records(path: Path) -> list[Example]:
     else:
         rows = _parse_json(path, text)
         if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON list of {{sentence, label}} objects, got {_json_type(rows)}")
-    examples = []
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: record {index} is {_json_type(row)}, not an object with sentence and label")
-        for key in ("sentence", "label"):
-            if key not in row:
-                raise UserError(f"{path}: record {index} lacks key {key!r}")
-            if not isinstance(row[key], str):
-                raise UserError(f"{path}: record {index} key {key!r} must be a string, got {_json_type(row[key])}")
-        examples.append(Example(row["sentence"], row["label"]))
-    if not examples:
+            raise UserError(f"{path}: expected a JSON list of objects with {' and '.join(required)}, got {_json_type(rows)}")
+    if not rows:
         raise UserError(f"{path} has no records")
-    return examples
+    return rows
+
+
+def _string_field(path: Path, index: int, row: Any, key: str, required: bool = True) -> str | None:
+    if not isinstance(row, dict):
+        raise UserError(f"{path}: record {index} is {_json_type(row)}, not an object with a sentence")
+    if key not in row:
+        if required:
+            raise UserError(f"{path}: record {index} lacks key {key!r}")
+        return None
+    if not isinstance(row[key], str):
+        raise UserError(f"{path}: record {index} key {key!r} must be a string, got {_json_type(row[key])}")
+    return row[key]
+
+
+def _read_records(path: Path) -> list[Example]:
+    """Examples of one split file, checked record by record."""
+    rows = _read_rows(path, ("sentence", "label"))
+    return [Example(_string_field(path, i, row, "sentence"), _string_field(path, i, row, "label"))
+            for i, row in enumerate(rows)]
+
+
+def read_inputs(path: str | os.PathLike[str]) -> tuple[list[str], list[str] | None]:
+    """Sentences to answer (`dealcl predict`), from a JSON list, JSONL or CSV file.
+
+    Each record needs a `sentence`; `label` is optional but then needed on every record, and
+    when present the predictions are scored against it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input file {path} does not exist")
+    if path.suffix not in (".json", ".jsonl", ".csv"):
+        raise UserError(f"input file {path} must end in .json, .jsonl or .csv")
+    rows = _read_rows(path, ("sentence",))
+    sentences = [_string_field(path, i, row, "sentence") for i, row in enumerate(rows)]
+    labels = [_string_field(path, i, row, "label", required=False) for i, row in enumerate(rows)]
+    have = [label is not None for label in labels]
+    if any(have) and not all(have):
+        raise UserError(f"{path}: record {have.index(False)} lacks 'label' while others have one; give all or none")
+    return sentences, (labels if all(have) else None)
 
 
 def _read_labels(path: Path) -> list[str]:
@@ -271,14 +300,15 @@ def load_task_with_validation(
 ) -> tuple[Task, list[Example]]:
     """Like `load_task`, plus `val_per_task` validation examples held out of the train file.
 
-    The validation examples come right after the training pick (the next N of the same file
-    order or seeded shuffle), so they never overlap the training set.
+    The validation examples are the first N of the file order (or seeded shuffle) and the
+    training pick comes after them, so the two never overlap.
     """
     if sample not in SAMPLES:
         raise UserError(f"sample must be one of {', '.join(SAMPLES)}, got {sample!r}")
     _check_cap(train_per_task, "train_per_task")
     _check_cap(test_per_task, "test_per_task")
     _check_cap(val_per_task, "val_per_task")
+    val_per_task = val_per_task or 0
     data_dir = Path(data_dir)
     task_dir, task_type = _locate(name_or_path, data_dir)
     files: dict[str, str] = {}
@@ -303,7 +333,6 @@ def load_task_with_validation(
         instruction = meta.get("instruction", "")
         if instruction and not instruction.endswith("\n"):
             instruction += "\n"  # upstream instructions end with a newline before "Option:"
-    check_name(name, "task name", task_dir)
 
     labels_path = task_dir / "labels.json"
     labels = _read_labels(labels_path)
@@ -319,8 +348,8 @@ def load_task_with_validation(
         raise UserError(f"{train_path} has {n} records: val_per_task={val_per_task} leaves none for training")
     n_train = n - val_per_task if train_per_task is None else min(train_per_task, n - val_per_task)
     order = _order(n, sample, seed, name, "train")
-    train = [train_all[i] for i in sorted(order[:n_train])]
-    validation = [train_all[i] for i in sorted(order[n_train:n_train + val_per_task])]
+    validation = [train_all[i] for i in sorted(order[:val_per_task])]
+    train = [train_all[i] for i in sorted(order[val_per_task:val_per_task + n_train])]
     n_test = len(test_all) if test_per_task is None else min(test_per_task, len(test_all))
     test = [test_all[i] for i in sorted(_order(len(test_all), sample, seed, name, "test")[:n_test])]
 

@@ -1,0 +1,77 @@
+"""Use a finished run: rebuild its final model and answer new inputs (`dealcl predict`)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.loading import read_inputs
+from ..errors import UserError
+from ..eval.generate import generate_answers
+from ..methods import ContinualMethod, Stage
+from ..train.batching import PromptEncoder
+from ..train.loop import TrainingServices
+from .driver import Prepared, prepare, resume_config
+from .store import RunStore, atomic_write_text, verify_stage_dir
+
+
+@dataclass
+class FinalModel:
+    prep: Prepared
+    method: ContinualMethod
+    model: torch.nn.Module
+    encoder: PromptEncoder
+    services: TrainingServices
+    stage: Stage
+
+
+def load_final_model(run_dir: Path) -> FinalModel:
+    """The run's model after its last finished stage, exactly as the driver left it."""
+    run_dir = Path(run_dir)
+    config = resume_config(run_dir)
+    prep = prepare(config)
+    store = RunStore(run_dir)
+    encoder = PromptEncoder(prep.loaded.tokenizer, prep.loaded.arch, config.max_source_length, config.prompt_style)
+    services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device)
+    method = prep.method_class(prep.method_options, services)
+    model = method.prepare_model(prep.loaded.model)
+    stages = method.stages(prep.tasks)
+    finished = [s for s in stages if verify_stage_dir(store.adapter_dir(s.index, s.name)) is None]
+    if not finished:
+        raise UserError(f"{run_dir} has no finished stage yet: run `dealcl resume {run_dir}` first")
+    last = finished[-1]
+    if last is not stages[-1]:
+        print(f"note: {run_dir} is not finished; using the model after stage {last.index} ({last.name})", file=sys.stderr)
+    method.load_state(model, store.adapter_dir(last.index, last.name), last)
+    model.eval()
+    return FinalModel(prep, method, model, encoder, services, last)
+
+
+def predict_file(run_dir: Path, input_path: Path, *, task_name: str | None = None, output: Path | None = None) -> None:
+    sentences, labels = read_inputs(input_path)
+    final = load_final_model(run_dir)
+    tasks = {t.name: t for t in final.prep.tasks}
+    name = task_name or final.prep.tasks[-1].name
+    if name not in tasks:
+        raise UserError(f"task '{name}' is not part of run {run_dir} (its tasks: {', '.join(tasks)})")
+    task = tasks[name]
+    with final.method.eval_model(final.model, task) as eval_model:
+        answers, _ = generate_answers(
+            eval_model, final.encoder, task, sentences, arch=final.prep.loaded.arch,
+            batch_size=final.prep.config.eval_batch_size, device=final.prep.device,
+            autocast=final.services.autocast, progress=sys.stderr.isatty(),
+        )
+    rows = []
+    for i, (sentence, answer) in enumerate(zip(sentences, answers)):
+        row = {"task": name, "sentence": sentence, "prediction": answer}
+        if labels[i] is not None:
+            row["label"] = labels[i]
+        rows.append(json.dumps(row, ensure_ascii=False))
+    text = "\n".join(rows) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(output, text)
