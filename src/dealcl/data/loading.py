@@ -300,8 +300,8 @@ def load_task_with_validation(
 ) -> tuple[Task, list[Example]]:
     """Like `load_task`, plus `val_per_task` validation examples held out of the train file.
 
-    The validation examples are the first N of the file order (or seeded shuffle) and the
-    training pick comes after them, so the two never overlap.
+    The validation examples come right after the training pick (the next N of the same file
+    order or seeded shuffle), so they never overlap the training set.
     """
     if sample not in SAMPLES:
         raise UserError(f"sample must be one of {', '.join(SAMPLES)}, got {sample!r}")
@@ -348,8 +348,8 @@ def load_task_with_validation(
         raise UserError(f"{train_path} has {n} records: val_per_task={val_per_task} leaves none for training")
     n_train = n - val_per_task if train_per_task is None else min(train_per_task, n - val_per_task)
     order = _order(n, sample, seed, name, "train")
-    validation = [train_all[i] for i in sorted(order[:val_per_task])]
-    train = [train_all[i] for i in sorted(order[val_per_task:val_per_task + n_train])]
+    train = [train_all[i] for i in sorted(order[:n_train])]
+    validation = [train_all[i] for i in sorted(order[n_train:n_train + val_per_task])]
     n_test = len(test_all) if test_per_task is None else min(test_per_task, len(test_all))
     test = [test_all[i] for i in sorted(_order(len(test_all), sample, seed, name, "test")[:n_test])]
 
