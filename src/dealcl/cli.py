@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import UserError
@@ -175,6 +176,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # PEFT still calls this deprecated transformers property; the warning is noise to users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
