@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..data.types import Task
+from ..faults import fault_point
 from ..train.batching import PromptEncoder
 
 
@@ -81,6 +82,7 @@ def generate_answers(
         for i, text in zip(chunk, texts):
             answers[i] = text.strip()
         bar.update(len(chunk))
+        fault_point("eval-batch")
     bar.close()
     if was_training:
         model.train()

@@ -150,6 +150,7 @@ def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 def open_run_dir(output: Path, prep: Prepared) -> RunStore:
     """Create the run directory, or accept an existing one holding the same config (resume)."""
     store = RunStore(output)
+    store.remove_temporaries()  # what a killed process left half-written
     if store.is_run():
         old = store.read_run_yaml()["config"]
         difference = _config_difference(old, dataclasses.asdict(prep.config))

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from ..errors import UserError
+from ..faults import fault_point
 
 MANIFEST = "manifest.json"
 
@@ -56,7 +57,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            handle.write(data[: len(data) // 2])
+            fault_point("results-write")  # a kill here leaves a half-written temporary file
+            handle.write(data[len(data) // 2 :])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -96,6 +99,7 @@ def write_stage_dir(final: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         fill(tmp)
+        fault_point("checkpoint-write")  # a kill here leaves a stage folder without manifest
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
         for p in files:
@@ -180,6 +184,21 @@ class RunStore:
         if not resolved.is_relative_to(self.root.resolve()):
             raise UserError(f"refusing to write outside the run directory: {path}")
         return path
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files and folders a killed writer leaves (`.<name>.*.tmp`)."""
+        removed = []
+        for folder in (self.root, self.root / "adapters", self.root / "outputs"):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.endswith(".stale")):
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
 
     def is_run(self) -> bool:
         return self.config_path.is_file()

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
 from ..methods.base import ContinualMethod, Stage, TrainItem
+from ..faults import fault_point
 from .batching import EncodedExample, PromptEncoder, collate_train, num_targets
 
 log = logging.getLogger("dealcl")
@@ -173,6 +174,7 @@ def train_stage(
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            fault_point("train-step")
             for name, value in terms_this_step.items():
                 running[name] = running.get(name, 0.0) + value
             bar.update(1)
