@@ -143,6 +143,7 @@ def train_stage(
     step = 0
     running: dict[str, float] = {}
     last_logged: dict[str, float] = {}
+    computed_tokens = answer_tokens = 0  # for FLOP accounting (bench/speed.py)
     for _epoch in range(settings.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for step_indices in _steps(order, step_size):
@@ -152,6 +153,9 @@ def train_stage(
                 for chunk in _steps(step_indices, settings.batch_size)
             ]
             step_targets = sum(num_targets(b) for b in micro_batches)
+            computed_tokens += sum(b["input_ids"].numel() + b.get("labels", b["input_ids"][:, :0]).numel()
+                                   for b in micro_batches)
+            answer_tokens += step_targets
             terms_this_step: dict[str, float] = {}
             for batch in micro_batches:
                 share = num_targets(batch) / step_targets
@@ -195,4 +199,6 @@ def train_stage(
         "train_samples_per_second": examples / seconds if seconds > 0 else None,
         "mean_loss_terms": last_logged or {k: v / max(step, 1) for k, v in running.items()},
         "trainable_parameters": sum(p.numel() for p in params),
+        "computed_tokens": computed_tokens,
+        "answer_tokens": answer_tokens,
     }
