@@ -39,6 +39,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=str)
     p.add_argument("--precision", help="auto, bf16 or fp32")
     p.add_argument("--prompt-style", dest="prompt_style", help="plain (upstream prompt) or chat (model's chat template)")
+    p.add_argument("--eval-mode", dest="eval_mode",
+                   help="generate (greedy answers, exact match; default) or score (rank the labels by likelihood)")
     p.add_argument("--eval-all-stages", dest="eval_all_stages", action="store_const", const=True,
                    help="evaluate every task after every stage (gives forward transfer)")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True,
@@ -84,7 +86,7 @@ def build_parser() -> Parser:
 def _flags(args: argparse.Namespace) -> dict:
     keys = [
         "benchmark", "order", "method", "model", "data", "train_per_task", "test_per_task", "val_per_task", "sample",
-        "epochs", "lr", "batch_size", "grad_accum", "seed", "precision", "prompt_style", "eval_all_stages",
+        "epochs", "lr", "batch_size", "grad_accum", "seed", "precision", "prompt_style", "eval_mode", "eval_all_stages",
         "trust_remote_code",
     ]
     flags = {k: getattr(args, k) for k in keys}

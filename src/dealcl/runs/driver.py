@@ -28,6 +28,7 @@ from ..data.loading import default_data_dir, load_task
 from ..data.types import Task
 from ..errors import UserError
 from ..eval.generate import generate_answers
+from ..eval.score import score_answers
 from ..eval.metrics import normalize_answer, score_task, summarize
 from ..methods import ContinualMethod, Stage, resolve_method
 from ..models.loading import LoadedModel, load_model
@@ -199,8 +200,9 @@ class Evaluator:
             return self.cache[key], 0.0
         sentences = [e.sentence for e in task.test]
         context = method.eval_model(model, task) if method is not None else _null(model)
+        answer = score_answers if self.prep.config.eval_mode == "score" else generate_answers
         with context as eval_model:
-            answers, seconds = generate_answers(
+            answers, seconds = answer(
                 eval_model, self.encoder, task, sentences, arch=self.prep.loaded.arch,
                 batch_size=self.prep.config.eval_batch_size, device=self.prep.device,
                 autocast=self.services.autocast, progress=self.progress,
