@@ -234,7 +234,7 @@ def part_methods(n_first: int, n_timed: int) -> dict:
 def part_memory(steps: int) -> dict:
     from dealcl.methods import Stage
     from dealcl.models.loading import load_model
-    from dealcl.train.loop import TrainSettings, resolve_precision, train_stage
+    from dealcl.train.loop import TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage
 
     checkpointing = os.environ.get("BENCH_CHECKPOINTING") == "1"
     task = _task("yahoo", 400, 8)
@@ -244,8 +244,7 @@ def part_memory(steps: int) -> dict:
     examples = sorted(task.train, key=lambda e: -len(e.sentence))[: 8 * steps]
     method, model = _seqlora(services, loaded.model)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_gradient_checkpointing(model)
     stats = train_stage(model, method, Stage(1, task.name, [task]), [(task, e) for e in examples],
                         TrainSettings(lr=5e-4, epochs=1, batch_size=8, seed=42), services, progress=False)
     tokens = stats["computed_tokens"] / (8 * steps)

@@ -45,7 +45,7 @@ def test_answer_only_loss_equals_the_full_forward_loss(toy_data, model):
 def test_earlier_task_predictions_are_recomputed_after_every_stage(toy_data, tmp_path):
     """Under seqlora at a high learning rate, later tasks move the shared adapter: the accuracy
     on the first task must be re-measured (and here changes) after each stage."""
-    config = tiny_run_config(toy_data, tasks=["toyA", "toyB"], lr=1e-2, epochs=10,
+    config = tiny_run_config(toy_data, tasks=["toyA", "toyB"], lr=1e-2, epochs=15,
                              method_options={"dropout": 0.0, "rank": 16})
     results = run_continual(config, tmp_path / "run", progress=False)
     column = [row[0] for row in results["accuracy_matrix"]]
@@ -56,3 +56,42 @@ def test_earlier_task_predictions_are_recomputed_after_every_stage(toy_data, tmp
     first_task = [[json.loads(line)["prediction"] for line in p.splitlines() if '"toyA"' in line] for p in predictions]
     assert first_task[0] != first_task[1]
     assert column[0] != column[1], column  # learned toyA, then forgot it
+
+
+def test_gradient_checkpointing_and_length_grouping_keep_the_gradients(toy_data):
+    """Checkpointing recomputes activations: the adapter gradients must be the same."""
+    from dealcl.methods import REGISTRY
+    from dealcl.train.loop import enable_gradient_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        loaded = load_model("tiny-llama")
+        task = load_task("toyB", toy_data)
+        encoder = PromptEncoder(loaded.tokenizer, loaded.arch)
+        services = TrainingServices(encoder, loaded.arch, "fp32", torch.device("cpu"))
+        method = REGISTRY["seqlora"](REGISTRY["seqlora"].config_class(dropout=0.0), services)
+        torch.manual_seed(0)
+        model = method.prepare_model(loaded.model)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        batch = collate_train([encoder.encode(task, e.sentence, e.label) for e in task.train[:4]], "causal", encoder.pad_id)
+        loss, _ = services.task_loss_sum(model, batch)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_length_grouping_keeps_every_example_once_per_epoch():
+    from dealcl.train.loop import _epoch_steps
+
+    lengths = [(i * 37) % 101 for i in range(200)]
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()
+    steps = _epoch_steps(order, 8, lengths, True, torch.Generator().manual_seed(1))
+    assert sorted(i for step in steps for i in step) == list(range(200))
+    spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps) / len(steps)
+    plain = _epoch_steps(order, 8, lengths, False, torch.Generator().manual_seed(1))
+    plain_spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in plain) / len(plain)
+    assert spread < plain_spread / 4  # grouped batches pad far less

@@ -36,6 +36,8 @@ class RunConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    group_by_length: bool = True  # batches of similar length (less padding); false: plain shuffle
     seed: int = 42
     max_source_length: int = 512
     precision: str = "auto"  # auto | bf16 | fp32

@@ -33,7 +33,7 @@ from ..eval.metrics import normalize_answer, score_task, summarize
 from ..methods import ContinualMethod, Stage, resolve_method
 from ..models.loading import LoadedModel, load_model
 from ..train.batching import PromptEncoder
-from ..train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
+from ..train.loop import TrainingServices, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage
 from .config import RunConfig, config_from_dict, method_config
 from .store import RunStore, atomic_write_json, atomic_write_text, dumps_json, sha256_file, verify_stage_dir, write_stage_dir
 
@@ -364,6 +364,8 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
 
     method = prep.method_class(prep.method_options, services)
     model = method.prepare_model(prep.loaded.model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     stages = method.stages(prep.tasks)
     if len({s.name for s in stages}) != len(stages):
         raise UserError("a method produced two stages with the same name")
@@ -407,7 +409,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
                 epochs = max(config.task_epochs.get(t.name, config.epochs) for t in stage.train_tasks)
                 settings = TrainSettings(
                     lr=prep.lr, epochs=epochs, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                    max_grad_norm=config.max_grad_norm, seed=config.seed,
+                    max_grad_norm=config.max_grad_norm, seed=config.seed, group_by_length=config.group_by_length,
                 )
                 train_stats = train_stage(model, method, stage, items, settings, services, progress)
             method.on_task_end(model, stage)

@@ -51,6 +51,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward. With a frozen base, the inputs must
+    require grad or the checkpointed segments would pass no gradient to the adapters."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 @dataclass
 class TrainSettings:
     lr: float
@@ -60,6 +67,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every: int = 10
+    group_by_length: bool = True
 
 
 class TrainingServices:
@@ -115,6 +123,23 @@ def _steps(order: list[int], step_size: int) -> list[list[int]]:
     return [order[i : i + step_size] for i in range(0, len(order), step_size)]
 
 
+LENGTH_WINDOW_STEPS = 16
+
+
+def _epoch_steps(order: list[int], step_size: int, lengths: list[int], group_by_length: bool,
+                 generator: torch.Generator) -> list[list[int]]:
+    """The epoch's optimizer steps. Grouping by length sorts each window of 16 steps' worth of
+    shuffled examples by length, cuts it into steps and shuffles the steps again: batches pad
+    little (every micro-batch is padded to its own longest sequence) and their order stays random."""
+    if not group_by_length:
+        return _steps(order, step_size)
+    steps: list[list[int]] = []
+    window = step_size * LENGTH_WINDOW_STEPS
+    for start in range(0, len(order), window):
+        steps += _steps(sorted(order[start : start + window], key=lengths.__getitem__), step_size)
+    return [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+
+
 def train_stage(
     model: torch.nn.Module,
     method: ContinualMethod,
@@ -136,6 +161,7 @@ def train_stage(
     torch.manual_seed(stage_seed)
 
     step_size = settings.batch_size * settings.grad_accum
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in encoded]
     steps_per_epoch = math.ceil(len(encoded) / step_size)
     total_steps = steps_per_epoch * settings.epochs
     bar = tqdm(total=total_steps, desc=f"train {stage.index}-{stage.name}", disable=not progress, leave=False)
@@ -146,7 +172,7 @@ def train_stage(
     computed_tokens = answer_tokens = 0  # for FLOP accounting (bench/speed.py)
     for _epoch in range(settings.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
-        for step_indices in _steps(order, step_size):
+        for step_indices in _epoch_steps(order, step_size, lengths, settings.group_by_length, generator):
             step += 1
             micro_batches = [
                 services.to_device(collate_train([encoded[i] for i in chunk], services.arch, services.encoder.pad_id))
