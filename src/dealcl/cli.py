@@ -64,6 +64,7 @@ def build_parser() -> Parser:
 
     report = sub.add_parser("report", help="accuracy matrix, AA and BWT of one or several runs")
     report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--output", help="write report.md and plots here (default: into a single dealcl run)")
 
     predict = sub.add_parser("predict", help="answer new inputs with a run's final model")
     predict.add_argument("run_dir")
@@ -120,9 +121,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .runs.report import format_report, load_run
+    from .runs.report import format_report, load_run, write_report
 
-    print(format_report([load_run(Path(p)) for p in args.run_dirs]))
+    runs = [load_run(Path(p)) for p in args.run_dirs]
+    print(format_report(runs))
+    # One dealcl run: report.md goes into it. Several runs or upstream folders: only with --output.
+    target = args.output or (args.run_dirs[0] if len(runs) == 1 and runs[0].source == "dealcl" else None)
+    if target:
+        print(f"report: {write_report(runs, Path(target))}", file=sys.stderr)
     return 0
 
 

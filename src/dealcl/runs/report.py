@@ -249,3 +249,30 @@ def format_report(runs: list[RunSummary]) -> str:
         ]
         sections.append("\n".join(["== summary ==", *_table(header, rows, right_align_from=3)]))
     return "\n\n".join(sections) + "\n"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def write_report(runs: list[RunSummary], directory: Path) -> Path:
+    """`report.md` with the text report and its plots (PNG, next to it) in `directory`."""
+    from . import plots
+    from .store import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["# dealcl report", "", "```", format_report(runs).rstrip(), "```", ""]
+    if len(runs) > 1:
+        names = [_slug(r.name) for r in runs]
+        plots.metric_bars(names, [r.average_accuracy for r in runs], [r.backward_transfer for r in runs],
+                          directory / "aa_bwt.png", "AA and BWT per run")
+        lines += ["![AA and BWT per run](aa_bwt.png)", ""]
+    for run in runs:
+        slug = _slug(run.name) if len(runs) > 1 else "run"
+        heat = plots.heatmap(run, directory / f"{slug}_matrix.png")
+        curves = plots.forgetting_curves(run, directory / f"{slug}_curves.png")
+        lines += [f"## {run.name}", "", f"![accuracy matrix]({heat.name})", "", f"![per-task accuracy]({curves.name})", ""]
+    path = directory / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

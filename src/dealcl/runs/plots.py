@@ -1,0 +1,94 @@
+"""The plots a reader looks at first: accuracy-matrix heatmaps, AA/BWT bars, forgetting curves.
+
+Every axis names its tasks and units and every title says method, model and order, so a
+figure still reads correctly when it is copied into a README on its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .report import RunSummary  # noqa: E402
+from .store import atomic_write_bytes  # noqa: E402
+
+
+def _title(run: RunSummary, what: str) -> str:
+    known = " on ".join(x for x in (run.method, run.model) if x)
+    return f"{what}: {known} ({run.name})" if known else f"{what}: {run.name}"
+
+
+def _save(figure, path: Path) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def heatmap(run: RunSummary, path: Path) -> Path:
+    """R[i][j]: exact match on task j (columns) after training stage i (rows)."""
+    n_rows, n_cols = len(run.matrix), len(run.task_order)
+    size = max(4.0, 0.55 * n_cols + 2)
+    figure, axes = plt.subplots(figsize=(size, max(3.0, 0.45 * n_rows + 1.8)))
+    values = [[float("nan") if v is None else v for v in row] for row in run.matrix]
+    image = axes.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(n_cols), run.task_order, rotation=45, ha="right")
+    stage_names = run.task_order if not run.joint else ["joint"]
+    axes.set_yticks(range(n_rows), [f"{i + 1}: {name}" for i, name in enumerate(stage_names[:n_rows])])
+    axes.set_xlabel("evaluated task")
+    axes.set_ylabel("after training stage")
+    if n_cols <= 8:
+        for i, row in enumerate(run.matrix):
+            for j, value in enumerate(row):
+                if value is not None:
+                    axes.text(j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black",
+                              fontsize=8)
+    figure.colorbar(image, ax=axes, label="exact match (%)")
+    axes.set_title(_title(run, "Accuracy matrix"), fontsize=10)
+    return _save(figure, path)
+
+
+def forgetting_curves(run: RunSummary, path: Path) -> Path:
+    """Each task's exact match across the stages after it was learned."""
+    figure, axes = plt.subplots(figsize=(6.5, 3.8))
+    stages = range(1, len(run.matrix) + 1)
+    for j, task in enumerate(run.task_order):
+        points = [(i, row[j]) for i, row in zip(stages, run.matrix) if j < len(row) and row[j] is not None]
+        if points:
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=task)
+    axes.set_xlabel("after training stage")
+    axes.set_ylabel("exact match (%)")
+    axes.set_ylim(-2, 102)
+    axes.set_xticks(list(stages))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncol=2 if len(run.task_order) > 6 else 1, loc="best")
+    axes.set_title(_title(run, "Per-task accuracy across stages"), fontsize=10)
+    return _save(figure, path)
+
+
+def metric_bars(labels: list[str], aa: list[float | None], bwt: list[float | None], path: Path, title: str,
+                aa_err: list[float] | None = None, bwt_err: list[float] | None = None) -> Path:
+    """AA and BWT side by side per method (or run); error bars where given."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(max(6.0, 0.9 * len(labels) + 3), 3.8))
+    positions = range(len(labels))
+    left.bar(positions, [v or 0 for v in aa], yerr=aa_err, capsize=3, color="tab:blue")
+    left.set_ylabel("average accuracy AA (%)")
+    left.set_ylim(0, 100)
+    right.bar(positions, [v or 0 for v in bwt], yerr=bwt_err, capsize=3, color="tab:red")
+    right.set_ylabel("backward transfer BWT (points)")
+    right.axhline(0, color="black", linewidth=0.8)
+    for axes, values in ((left, aa), (right, bwt)):
+        axes.set_xticks(list(positions), labels, rotation=45, ha="right")
+        axes.grid(axis="y", alpha=0.3)
+        for x, value in zip(positions, values):
+            axes.annotate("n/a" if value is None else f"{value:.1f}", (x, value or 0), ha="center",
+                          va="bottom" if (value or 0) >= 0 else "top", fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
