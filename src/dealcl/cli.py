@@ -58,6 +58,11 @@ def build_parser() -> Parser:
     run = sub.add_parser("run", help="run a whole continual task sequence")
     _add_run_flags(run)
 
+    compare = sub.add_parser("compare", help="several methods over one or more task orders, side by side")
+    _add_run_flags(compare)
+    compare.add_argument("--methods", required=True, help="comma-separated method names")
+    compare.add_argument("--orders", help="comma-separated task orders of the benchmark (default: --order or none)")
+
     resume = sub.add_parser("resume", help="continue a run after its last finished stage")
     resume.add_argument("run_dir")
     resume.add_argument("--quiet", action="store_true")
@@ -106,6 +111,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_continual(config, output, progress=not args.quiet)
     print(format_report([load_run(output)]))
     print(f"results: {output}/results.json")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .methods import resolve_method
+    from .runs.compare import compare
+    from .runs.config import build_config
+
+    flags = _flags(args)
+    orders: list[int | None] = [None]
+    if args.orders:
+        try:
+            orders = [int(o) for o in args.orders.split(",") if o.strip()]
+        except ValueError:
+            raise UserError(f"--orders must be comma-separated integers, got {args.orders!r}") from None
+        flags["order"] = orders[0]
+    flags["method"] = args.methods.split(",")[0]
+    base = build_config(Path(args.config) if args.config else None, flags, args.overrides)
+    if args.orders is None:
+        orders = [base.order]
+    output = Path(args.output) if args.output else Path("runs") / f"compare-{base.benchmark or 'custom'}"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:  # every name must resolve before any run starts
+        resolve_method(method)
+    compare(base, methods, orders, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr))
+    print((output / "comparison.md").read_text())
+    print(f"comparison: {output}/comparison.md, {output}/comparison.json")
     return 0
 
 
@@ -177,7 +209,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": cmd_run, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
+    "run": cmd_run, "compare": cmd_compare, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
     "benchmarks": cmd_benchmarks, "models": cmd_models, "data": cmd_data,
 }
 

@@ -217,3 +217,44 @@ def summarize(
         "unknown_test_labels": dict(unknown_labels) if unknown_labels is not None else None,
     }
     return _round(summary)
+
+
+def bootstrap_intervals(
+    correct: dict[tuple[int, int], Sequence[bool]], n_tasks: int, *, resamples: int = 1000, seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals of AA and BWT over test examples.
+
+    `correct[(i, j)]` holds per-example exact-match hits of task j (0-based) after stage i
+    (1-based). Each resample draws every task's test examples with replacement once and uses
+    the same draw at every stage, because the same examples are re-evaluated after each stage.
+    """
+    import random
+
+    rng = random.Random(seed)
+    last = n_tasks
+    sizes = {j: len(correct[(last, j)]) for j in range(n_tasks) if (last, j) in correct}
+    if len(sizes) < n_tasks:
+        return {"average_accuracy": None, "backward_transfer": None}
+    aa_samples, bwt_samples = [], []
+    for _ in range(resamples):
+        picks = {j: [rng.randrange(n) for _ in range(n)] for j, n in sizes.items()}
+
+        def acc(i: int, j: int) -> float:
+            hits = correct[(i, j)]
+            return 100.0 * sum(hits[k] for k in picks[j]) / len(picks[j])
+
+        aa_samples.append(sum(acc(last, j) for j in range(n_tasks)) / n_tasks)
+        terms = [acc(last, j) - acc(j + 1, j) for j in range(n_tasks - 1) if (j + 1, j) in correct]
+        if terms:
+            bwt_samples.append(sum(terms) / len(terms))
+
+    def interval(samples: list[float]) -> tuple[float, float] | None:
+        if not samples:
+            return None
+        samples = sorted(samples)
+        low = samples[int((1 - level) / 2 * (len(samples) - 1))]
+        high = samples[int((1 + level) / 2 * (len(samples) - 1))]
+        return (round(low, 2), round(high, 2))
+
+    return {"average_accuracy": interval(aa_samples), "backward_transfer": interval(bwt_samples)}

@@ -1,0 +1,166 @@
+"""`dealcl compare`: several methods over one or more task orders, each a normal resumable run.
+
+Every (order, method) pair is an ordinary run directory under the comparison folder, so a
+re-run resumes unfinished runs and only re-reads finished ones. The aggregates are computed
+from each run's results.json, efficiency.json and prediction files, never kept separately.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..eval.metrics import bootstrap_intervals, exact_match
+from .config import RunConfig, validate
+from .driver import run_continual
+from .report import RunSummary, load_run
+from .store import atomic_write_json, atomic_write_text
+
+
+def run_name(config: RunConfig) -> str:
+    where = f"order{config.order}" if config.order is not None else (config.benchmark or "custom")
+    return f"{where}-{config.method.replace('/', '_').replace(':', '_')}"
+
+
+def plan(base: RunConfig, methods: list[str], orders: list[int | None]) -> list[RunConfig]:
+    if base.method_options:
+        raise UserError("compare runs several methods: method.KEY=VALUE options are not allowed here")
+    if not methods:
+        raise UserError("compare needs --methods (comma-separated)")
+    configs = []
+    for order in orders:
+        for method in methods:
+            configs.append(validate(dataclasses.replace(base, method=method, order=order)))
+    return configs
+
+
+def _correct_by_stage(run_dir: Path, task_order: list[str]) -> dict[tuple[int, int], list[bool]]:
+    correct: dict[tuple[int, int], list[bool]] = {}
+    index = {name: j for j, name in enumerate(task_order)}
+    for stage_dir in sorted((run_dir / "outputs").iterdir()):
+        head = stage_dir.name.split("-", 1)[0]
+        if not head.isdigit() or int(head) == 0:
+            continue
+        with open(stage_dir / "predict_eval_predictions.jsonl", encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    key = (int(head), index[row["Dataset"]])
+                    correct.setdefault(key, []).append(exact_match(row["prediction"], row["label"]))
+    return correct
+
+
+def summarize_run(run_dir: Path) -> dict[str, Any]:
+    summary: RunSummary = load_run(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    efficiency = json.loads((run_dir / "efficiency.json").read_text()).get("stages", [])
+    speeds = [s["train_samples_per_second"] for s in efficiency if s.get("train_samples_per_second")]
+    intervals = bootstrap_intervals(_correct_by_stage(run_dir, summary.task_order), len(summary.task_order))
+    invalid = results.get("invalid_rate_matrix") or [[]]
+    last_invalid = [v for v in invalid[-1] if v is not None]
+    return {
+        "run": run_dir.name, "method": summary.method, "task_order": summary.task_order,
+        "average_accuracy": summary.average_accuracy, "backward_transfer": summary.backward_transfer,
+        "aa_interval": intervals["average_accuracy"], "bwt_interval": None if summary.joint else intervals["backward_transfer"],
+        "final_invalid_rate": round(sum(last_invalid) / len(last_invalid), 2) if last_invalid else None,
+        "train_samples_per_second": round(statistics.mean(speeds), 3) if speeds else None,
+        "peak_memory_mb": max((s.get("peak_memory_mb") or 0 for s in efficiency), default=None),
+        "trainable_parameters": max((s.get("trainable_parameters") or 0 for s in efficiency), default=None),
+        "wall_seconds": round(sum(s.get("wall_seconds", 0) for s in efficiency), 1),
+    }
+
+
+def _spread(values: list[float]) -> float | None:
+    return round(statistics.stdev(values), 2) if len(values) > 1 else None
+
+
+def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    per_method = {}
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        aa = [r["average_accuracy"] for r in mine if r["average_accuracy"] is not None]
+        bwt = [r["backward_transfer"] for r in mine if r["backward_transfer"] is not None]
+        per_method[method] = {
+            "runs": [r["run"] for r in mine],
+            "aa": {r["run"]: r["average_accuracy"] for r in mine}, "bwt": {r["run"]: r["backward_transfer"] for r in mine},
+            "aa_mean": round(statistics.mean(aa), 2) if aa else None, "aa_spread": _spread(aa),
+            "bwt_mean": round(statistics.mean(bwt), 2) if bwt else None, "bwt_spread": _spread(bwt),
+            "train_samples_per_second": _mean_of(mine, "train_samples_per_second"),
+            "peak_memory_mb": max((r["peak_memory_mb"] or 0 for r in mine), default=None),
+            "trainable_parameters": max((r["trainable_parameters"] or 0 for r in mine), default=None),
+        }
+    return {"methods": per_method, "runs": runs}
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.mean(values), 3) if values else None
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(value) -> str:
+    return "" if not value else f" [{value[0]:.1f}, {value[1]:.1f}]"
+
+
+def markdown(comparison: dict[str, Any], base: RunConfig) -> str:
+    runs = comparison["runs"]
+    orders = sorted({r["run"].split("-", 1)[0] for r in runs})
+    lines = [
+        "# dealcl compare", "",
+        f"Model `{base.model}`, {base.train_per_task or 'all'} training and {base.test_per_task or 'all'} test examples "
+        f"per task, seed {base.seed}, eval mode {base.eval_mode}. AA and BWT in points of exact match; "
+        "brackets: bootstrap 95% intervals over test examples.", "",
+        "| method | " + " | ".join(f"{o} AA | {o} BWT" for o in orders) + " | mean AA (sd) | mean BWT (sd) | invalid % | train ex/s | peak MB | trainable |",
+        "|---|" + "---|---|" * len(orders) + "---|---|---|---|---|---|",
+    ]
+    for method, m in comparison["methods"].items():
+        cells = []
+        for order in orders:
+            run = next((r for r in runs if r["method"] == method and r["run"].startswith(order + "-")), None)
+            cells += [_fmt(run and run["average_accuracy"]) + _interval(run and run["aa_interval"]),
+                      _fmt(run and run["backward_transfer"]) + _interval(run and run["bwt_interval"])]
+        invalid = _mean_of([r for r in runs if r["method"] == method], "final_invalid_rate")
+        lines.append(
+            f"| {method} | " + " | ".join(cells)
+            + f" | {_fmt(m['aa_mean'])} ({_fmt(m['aa_spread'])}) | {_fmt(m['bwt_mean'])} ({_fmt(m['bwt_spread'])})"
+            + f" | {_fmt(invalid, 1)} | {_fmt(m['train_samples_per_second'])} | {_fmt(m['peak_memory_mb'], 0)}"
+            + f" | {m['trainable_parameters'] or '—'} |"
+        )
+    lines += ["", "![AA and BWT per method](aa_bwt.png)", ""]
+    for run in runs:
+        lines += [f"![{run['run']} accuracy matrix]({run['run']}_matrix.png) ![{run['run']} per-task accuracy]({run['run']}_curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def compare(base: RunConfig, methods: list[str], orders: list[int | None], output: Path, *, progress: bool = True,
+            say=print) -> dict[str, Any]:
+    from . import plots
+
+    configs = plan(base, methods, orders)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for config in configs:
+        run_dir = output / run_name(config)
+        say(f"== {run_dir.name}")
+        run_continual(config, run_dir, progress=progress)
+        rows.append(summarize_run(run_dir))
+        summary = load_run(run_dir)
+        plots.heatmap(summary, output / f"{run_dir.name}_matrix.png")
+        plots.forgetting_curves(summary, output / f"{run_dir.name}_curves.png")
+    comparison = aggregate(rows, methods)
+    names = list(comparison["methods"])
+    aa = [comparison["methods"][m]["aa_mean"] for m in names]
+    bwt = [comparison["methods"][m]["bwt_mean"] for m in names]
+    plots.metric_bars(names, aa, bwt, output / "aa_bwt.png",
+                      f"AA and BWT per method on {base.model} (mean over {len(orders)} order(s); bars: sd)",
+                      aa_err=[comparison["methods"][m]["aa_spread"] or 0 for m in names],
+                      bwt_err=[comparison["methods"][m]["bwt_spread"] or 0 for m in names])
+    atomic_write_json(output / "comparison.json", comparison)
+    atomic_write_text(output / "comparison.md", markdown(comparison, base))
+    return comparison

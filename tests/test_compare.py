@@ -1,0 +1,55 @@
+"""`dealcl compare` on tiny models: runs are resumed, not redone; aggregates match the runs."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+import dealcl.runs.driver as driver
+from dealcl.cli import main
+
+
+def _args(data, out, methods="seqlora,zero-shot"):
+    return ["compare", "--tasks", "toyA,toyB", "--methods", methods, "--model", "tiny-llama", "--data", str(data),
+            "--output", str(out), "--precision", "fp32", "--batch-size", "4", "--lr", "5e-3", "--train-per-task", "8",
+            "--test-per-task", "6", "--quiet"]
+
+
+def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    assert main(_args(toy_data, out)) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    for method, run in (("seqlora", "custom-seqlora"), ("zero-shot", "custom-zero-shot")):
+        results = json.loads((out / run / "results.json").read_text())
+        row = comparison["methods"][method]
+        assert row["aa"][run] == pytest.approx(results["average_accuracy"])
+        assert row["bwt"][run] == pytest.approx(results["backward_transfer"])
+        assert row["aa_mean"] == pytest.approx(statistics.mean([results["average_accuracy"]]), abs=0.01)
+        efficiency = json.loads((out / run / "efficiency.json").read_text())["stages"]
+        assert row["trainable_parameters"] == max(s["trainable_parameters"] for s in efficiency)
+    for name in ("comparison.md", "aa_bwt.png", "custom-seqlora_matrix.png", "custom-seqlora_curves.png"):
+        assert (out / name).is_file()
+    assert "| seqlora |" in (out / "comparison.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(driver, "train_stage", no_training)
+    before = (out / "custom-seqlora" / "results.json").read_bytes()
+    assert main(_args(toy_data, out)) == 0
+    assert (out / "custom-seqlora" / "results.json").read_bytes() == before
+
+
+def test_bootstrap_interval_contains_the_point_estimate(toy_data, tmp_path):
+    from dealcl.runs.compare import summarize_run
+
+    assert main(_args(toy_data, tmp_path / "cmp", methods="seqlora")) == 0
+    row = summarize_run(tmp_path / "cmp" / "custom-seqlora")
+    low, high = row["aa_interval"]
+    assert low <= row["average_accuracy"] <= high
+
+
+def test_compare_refuses_method_options(toy_data, tmp_path, capsys):
+    assert main(_args(toy_data, tmp_path / "cmp") + ["method.rank=4"]) == 2
+    assert "method.KEY=VALUE" in capsys.readouterr().err
