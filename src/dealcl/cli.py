@@ -47,6 +47,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="allow a model's own Python code to run (off by default)")
     p.add_argument("--config", help="YAML config file (a run.yaml works too)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
+                   help="data-parallel processes on this machine (runs itself under torchrun)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, method.KEY=VALUE for method options")
 
 
@@ -101,14 +103,42 @@ def _flags(args: argparse.Namespace) -> dict:
     return flags
 
 
+def _relaunch(argv: list[str], processes: int) -> int:
+    """`--num-processes N`: the same command under torchrun, N processes on this machine."""
+    import subprocess
+
+    if processes < 1:
+        raise UserError(f"--num-processes must be at least 1, got {processes}")
+    rest, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--num-processes":
+            skip = True
+            continue
+        if arg.startswith("--num-processes="):
+            continue
+        rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "dealcl", *rest]
+    return subprocess.run(command).returncode
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runs.config import build_config
     from .runs.driver import run_continual
     from .runs.report import RunSummary, format_report, load_run
 
+    from .train.distributed import launched_processes
+
     config = build_config(Path(args.config) if args.config else None, _flags(args), args.overrides)
+    if args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args.argv, args.num_processes)
     output = Path(args.output) if args.output else Path("runs") / f"{config.benchmark or 'custom'}-{config.method.replace('/', '_')}"
     run_continual(config, output, progress=not args.quiet)
+    if not launched_processes().is_main:
+        return 0
     print(format_report([load_run(output)]))
     print(f"results: {output}/results.json")
     return 0
@@ -219,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     # PEFT still calls this deprecated transformers property; the warning is noise to users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
+        argv = sys.argv[1:] if argv is None else argv
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return COMMANDS[args.command](args)
     except UserError as exc:
         message = " ".join(str(exc).split())  # exactly one line

@@ -15,6 +15,15 @@ POINTS = ("train-step", "checkpoint-write", "eval-batch", "results-write")
 _counts: dict[str, int] = {}
 
 
+def trace_shard(rank: int, stage: int, indices: list[int]) -> None:
+    """`DEALCL_SHARD_LOG=<file>`: each rank appends the training examples it computed, so the
+    data-parallel tests can check that ranks see disjoint shards of every global batch."""
+    path = os.environ.get("DEALCL_SHARD_LOG")
+    if path:
+        with open(f"{path}.{rank}", "a", encoding="utf-8") as handle:
+            handle.write(f"{stage} {' '.join(map(str, indices))}\n")
+
+
 def fault_point(point: str) -> None:
     trace = os.environ.get("DEALCL_FAULT_LOG")
     if trace:

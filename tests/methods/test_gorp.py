@@ -150,29 +150,154 @@ class Harness:
 
 
 def _expected_counts(model_name):
+    """(LoRA A, LoRA B, full-rank G) parameters trained per task: r·d_in, r·d_out per LoRA module, m·n per G."""
     if model_name == "tiny-llama":  # hidden 64, q 64→64, v 64→32 (2 kv heads × 16), gate 64→128, 2 layers
-        return 2 * 8 * (64 + 64) + 2 * 8 * (64 + 32), 2 * 128 * 64
-    # tiny T5: self-attention q,v 64→64 in 2 encoder + 2 decoder blocks; cross q,v in 2 decoder blocks
-    return 4 * 2 * 8 * (64 + 64), 2 * 2 * 64 * 64
+        return 2 * (8 * 64 + 8 * 64), 2 * (8 * 64 + 8 * 32), 2 * 128 * 64
+    # tiny T5: self-attention q,v 64→64 in 2 encoder + 2 decoder blocks; cross q,v 64×64 in 2 decoder blocks
+    return 4 * 2 * 8 * 64, 4 * 2 * 8 * 64, 2 * 2 * 64 * 64
 
 
 @pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-t5"])
 def test_trainable_parameter_count_and_frozen_previous_lora(toy_data_session, model_name):
     h = Harness(toy_data_session, model_name)
-    lora_count, g_count = _expected_counts(model_name)
+    a_count, b_count, g_count = _expected_counts(model_name)
     h.run_stage(h.stages[0])
     first = {n: p.detach().clone() for n, p in h.model.named_parameters() if ".lora_" in n and ".task1." in n}
+    assert first and sum(p.numel() for p in first.values()) == a_count + b_count
     h.method.on_task_start(h.model, h.stages[1])
     trainable = [(n, p) for n, p in h.model.named_parameters() if p.requires_grad]
-    assert sum(p.numel() for _, p in trainable) == lora_count + g_count
+    assert sum(p.numel() for _, p in trainable) == a_count + b_count + g_count
     assert all(".task2." in n for n, _ in trainable if ".lora_" in n)
     optimizer = h.method.build_optimizer(h.model, 5e-3)
     kinds = {g["kind"]: sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
-    assert kinds == {"galore": g_count, "lora_a": lora_count // 2 if model_name == "tiny-t5" else kinds["lora_a"],
-                     "plain": lora_count - kinds["lora_a"]}
-    h.method._optimizer = None
-    h.method.on_task_end(h.model, h.stages[1])  # no step taken: harmless
-    h.run_stage(h.stages[1])
+    assert kinds == {"galore": g_count, "lora_a": a_count, "plain": b_count}
+    assert {g["kind"]: g["lr"] for g in optimizer.param_groups} == {"galore": 1e-4, "lora_a": 5e-3, "plain": 5e-3}
+    settings = TrainSettings(lr=5e-3, epochs=1, batch_size=4, seed=0)
+    train_stage(h.model, h.method, h.stages[1], h.method.training_items(h.stages[1]), settings, h.services,
+                progress=False)
     for n, p in h.model.named_parameters():
         if n in first:
             assert torch.equal(p, first[n]), f"task 1 LoRA changed: {n}"
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-t5"])
+def test_task_two_projects_with_task_one_memory(toy_data_session, monkeypatch, model_name):
+    h = Harness(toy_data_session, model_name)
+    calls = []
+    real = projected_adam.project_out
+
+    def spy(G, M, side="left"):
+        out = real(G, M, side)
+        residual = M.T @ out if side == "left" else out @ M
+        calls.append((M.detach().clone(), side, float(torch.linalg.norm(residual))))
+        return out
+
+    monkeypatch.setattr(projected_adam, "project_out", spy)
+    h.run_stage(h.stages[0])
+    assert not calls, "task 1 has no memory to project with"
+    memory = {k: v.clone() for k, v in h.method.memory.items()}
+    galore = [k for k in memory if k.startswith("galore:")]
+    lora = [k for k in memory if k.startswith("lora_a:")]
+    assert len(galore) == len(h.method.g_names) and lora
+    assert all(v.shape[1] >= 1 for v in memory.values())  # k ≥ 1 for a non-zero moment
+    for k in galore:  # output space: m rows
+        name = k.split(":", 1)[1]
+        assert memory[k].shape[0] == dict(h.model.get_base_model().named_modules())[name].weight.shape[0]
+
+    h.run_stage(h.stages[1])
+    steps = 3  # 12 examples, batch 4
+    assert len(calls) == steps * sum(1 for v in memory.values() if v.shape[1] > 0)
+    used = {(tuple(M.shape), side) for M, side, _ in calls}
+    assert ("left" in {s for _, s in used}) and ("right" in {s for _, s in used})
+    for M, side, residual in calls:
+        assert any(torch.equal(M, m) for m in memory.values()), "projection used a memory not built by task 1"
+        assert residual < 1e-5
+    # Task 2 extends (never replaces) task 1's memory: the old basis stays its leading block.
+    for k, old in memory.items():
+        assert torch.equal(h.method.memory[k][:, : old.shape[1]], old)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-t5"])
+def test_full_rank_weights_persist_through_save_and_load(toy_data_session, tmp_path, model_name):
+    h = Harness(toy_data_session, model_name)
+    h.run_stage(h.stages[0])
+    after_task1 = h.outputs()
+    g = dict(h.method.g_weights(h.model))
+    for name, weight in g.items():
+        assert not torch.equal(weight, h.pretrained[name]), f"{name} did not move"
+    h.method.save_state(h.model, tmp_path)
+    meta = json.loads((tmp_path / "gorp_state.json").read_text())
+    assert meta["adapters"] == ["task1"] and meta["full_rank_modules"] == h.method.g_names
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in tmp_path.iterdir())
+
+    fresh = Harness(toy_data_session, model_name)
+    fresh.method.load_state(fresh.model, tmp_path, fresh.stages[0])
+    for name, weight in fresh.method.g_weights(fresh.model):
+        assert torch.equal(weight, g[name]) and not torch.equal(weight, fresh.pretrained[name])
+    assert fresh.method.memory.keys() == h.method.memory.keys()
+    assert all(torch.equal(fresh.method.memory[k], v) for k, v in h.method.memory.items())
+    assert torch.equal(fresh.outputs(), after_task1)
+
+    # Starting task 2 does not change the function (new adapter has B = 0, G weights kept)...
+    h.method.on_task_start(h.model, h.stages[1])
+    assert torch.equal(h.outputs(), after_task1)
+    # ...and the resumed model trains task 2 exactly as the uninterrupted one.
+    h.run_stage(h.stages[1])
+    fresh.run_stage(fresh.stages[1])
+    assert torch.equal(h.outputs(), fresh.outputs())
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-t5"])
+def test_two_task_run_end_to_end(toy_data_session, tmp_path, model_name):
+    config = tiny_run_config(toy_data_session, method="gorp", model=model_name, train_per_task=8,
+                             method_options={"dropout": 0.0, "galore_gap": 2})
+    results = run_continual(config, tmp_path / "run", progress=False)
+    assert results["task_order"] == ["toyA", "toyB"] and None not in results["accuracy_matrix"][1]
+    for stage in ("1-toyA", "2-toyB"):
+        files = {p.name for p in (tmp_path / "run" / "adapters" / stage).iterdir()}
+        assert {"gorp_lora.safetensors", "gorp_full_rank.safetensors", "gorp_memory.safetensors",
+                "gorp_state.json"} <= files
+    meta = json.loads((tmp_path / "run" / "adapters" / "2-toyB" / "gorp_state.json").read_text())
+    assert meta["adapters"] == ["task1", "task2"] and all(k >= 1 for k in meta["memory_ranks"].values())
+    efficiency = json.loads((tmp_path / "run" / "efficiency.json").read_text())
+    a, b, g = _expected_counts(model_name)
+    assert [s["trainable_parameters"] for s in efficiency["stages"]] == [a + b + g] * 2
+
+
+def test_resumed_run_equals_uninterrupted_run(toy_data_session, tmp_path):
+    import shutil
+
+    config = tiny_run_config(toy_data_session, method="gorp", train_per_task=8, method_options={"dropout": 0.0})
+    whole = run_continual(config, tmp_path / "whole", progress=False)
+    resumed_dir = tmp_path / "resumed"
+    run_continual(config, resumed_dir, progress=False)
+    # Lose stage 2: the driver resumes from stage 1's checkpoint (load_state on a fresh model).
+    shutil.rmtree(resumed_dir / "adapters" / "2-toyB")
+    shutil.rmtree(resumed_dir / "outputs" / "2-toyB")
+    resumed = run_continual(config, resumed_dir, progress=False)
+    assert resumed == whole
+    for name in ("gorp_lora.safetensors", "gorp_full_rank.safetensors", "gorp_memory.safetensors"):
+        assert (resumed_dir / "adapters" / "2-toyB" / name).read_bytes() == \
+            (tmp_path / "whole" / "adapters" / "2-toyB" / name).read_bytes()
+
+
+def test_galore_target_options(toy_data_session):
+    # An empty target list leaves GORP's LoRA half (IncLoRA + input-space LoRA-A memory).
+    h = Harness(toy_data_session, "tiny-llama", galore_targets=[])
+    assert h.method.g_names == []
+    h.run_stage(h.stages[0])
+    assert h.method.memory and all(k.startswith("lora_a:") for k in h.method.memory)
+    # A regex that matches nothing is the user's mistake, reported before training.
+    with pytest.raises(UserError, match="galore_targets"):
+        Harness(toy_data_session, "tiny-llama", galore_targets=[r".*no_such_module"])
+    # Custom targets: every LLaMA attention output projection.
+    h = Harness(toy_data_session, "tiny-llama", galore_targets=[r".*self_attn\.o_proj"])
+    assert h.method.g_names == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+
+
+def test_projection_switches_turn_the_memory_off(toy_data_session, monkeypatch):
+    h = Harness(toy_data_session, "tiny-t5", project_galore=False, project_lora=False)
+    h.run_stage(h.stages[0])
+    assert h.method.memory  # still built (and saved), just not applied
+    h.method.on_task_start(h.model, h.stages[1])
+    assert h.method.build_optimizer(h.model, 5e-3).memory == {}

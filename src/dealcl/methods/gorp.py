@@ -163,7 +163,7 @@ class Gorp(ContinualMethod):
     def __init__(self, config: GorpConfig, services) -> None:
         super().__init__(config, services)
         self.adapters: list[str] = []  # one PEFT adapter per task so far, "task1", "task2", ...
-        self.trained: set[str] = set()  # adapters frozen after their task ended
+        self.current: str | None = None  # the adapter the current (or last) task trains
         self.g_names: list[str] = []  # modules whose weights train full-rank (names in the HF model)
         # "galore:<module>" → M ∈ ℝ^{m×k} (output space); "lora_a:<module>" → Q ∈ ℝ^{d_in×k}.
         self.memory: dict[str, torch.Tensor] = {}
@@ -261,12 +261,11 @@ class Gorp(ContinualMethod):
         while len(self.adapters) < stage.index:
             name = self._add_adapter(model)
             self._init_adapter(model, name, len(self.adapters))
-        current = self.adapters[stage.index - 1] if stage.index <= len(self.adapters) else self.adapters[-1]
-        self._current = current
-        self._activate(model, current)
+        self.current = self.adapters[stage.index - 1]
+        self._activate(model, self.current)
 
     def _current_adapter(self) -> str:
-        return getattr(self, "_current", self.adapters[-1])
+        return self.current or self.adapters[-1]
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
@@ -289,7 +288,7 @@ class Gorp(ContinualMethod):
             for name, weight in g:
                 saved = self.memory.get(f"galore:{name}")
                 if saved is not None and saved.shape[1] > 0:
-                    memory[weight] = (saved.to(device=weight.device, dtype=torch.float32).to(weight.dtype), "left")
+                    memory[weight] = (saved.to(device=weight.device, dtype=weight.dtype), "left")
         claimed = {id(p) for p in lora_a + lora_b} | {id(w) for _, w in g}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
         groups = [
@@ -325,8 +324,7 @@ class Gorp(ContinualMethod):
         ranks = {k: int(v.shape[1]) for k, v in self.memory.items()}
         if ranks:
             log.info("gorp stage %d: memory ranks %s", stage.index, ranks)
-        self.trained.add(self._current_adapter())
-        self._activate(model, None)
+        self._activate(model, None)  # this task's adapter is frozen from now on
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_state(self, model: torch.nn.Module, directory: Path) -> None:
@@ -355,7 +353,7 @@ class Gorp(ContinualMethod):
             raise UserError(f"{directory}: full-rank targets differ from this run's method.galore_targets")
         while len(self.adapters) < len(meta["adapters"]):
             self._add_adapter(model)
-        self._current = self.adapters[-1]
+        self.current = self.adapters[-1]
         self._activate(model, None)
         lora = load_file(str(directory / "gorp_lora.safetensors"))
         params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
@@ -369,7 +367,6 @@ class Gorp(ContinualMethod):
             for n, w in self.g_weights(model):
                 w.copy_(full[f"{n}.weight"])
         self.memory = dict(load_file(str(directory / "gorp_memory.safetensors")))
-        self.trained = set(self.adapters)
 
 
 def _float(projector: torch.Tensor | None) -> torch.Tensor | None:

@@ -24,9 +24,8 @@ def energy_threshold_rank(singular_values: torch.Tensor, tau: float, already: fl
     """The smallest k with `already` + Σ_{i≤k} σ_i² / Σσ² ≥ τ (§6 W5: one inclusive rule).
 
     The direction whose energy crosses τ is kept, so k ≥ 1 for any non-zero spectrum when
-    `already` < τ; an all-zero spectrum gives k = 0. `already` is the share of the energy
-    that the existing memory explains (GPM residual update); the caller then passes the
-    residual's singular values normalised by the TOTAL energy via `total`."""
+    `already` < τ; an all-zero spectrum gives k = 0. (Upstream counted the directions whose
+    cumulative share is still below τ, so k = 0 whenever σ₁² ≥ τ·Σσ², §3.4.)"""
     s = singular_values.detach().double().flatten()
     energy = s.pow(2)
     total = float(energy.sum())
@@ -36,6 +35,8 @@ def energy_threshold_rank(singular_values: torch.Tensor, tau: float, already: fl
 
 
 def _rank_for(energy: torch.Tensor, total: float, tau: float, already: float) -> int:
+    """Inclusive threshold on `energy` normalised by `total`, starting from `already` (the share
+    an existing memory explains, for the GPM residual update where `total` is ‖F‖², not Σσ̂²)."""
     if already >= tau - _ENERGY_SLACK:
         return 0
     cumulative = already + torch.cumsum(energy, 0) / total
@@ -43,12 +44,6 @@ def _rank_for(energy: torch.Tensor, total: float, tau: float, already: float) ->
     if len(reached) == 0:  # rounding: the residual cannot reach τ; keep every non-zero direction
         return int((energy > 0).sum())
     return int(reached[0]) + 1
-
-
-def orthonormal_columns(M: torch.Tensor | None, rows: int, dtype=torch.float64) -> torch.Tensor:
-    if M is None:
-        return torch.zeros(rows, 0, dtype=dtype)
-    return M.to(dtype)
 
 
 def extend_memory(M_old: torch.Tensor | None, F: torch.Tensor, tau: float) -> torch.Tensor:
@@ -61,11 +56,14 @@ def extend_memory(M_old: torch.Tensor | None, F: torch.Tensor, tau: float) -> to
     memory this is plain thresholding of F's SVD. Returns float32 (M_old's dtype if given)."""
     d = F.shape[0]
     out_dtype = M_old.dtype if M_old is not None else torch.float32
-    old = orthonormal_columns(M_old, d).to(F.device)
+    if M_old is None:
+        old = torch.zeros(d, 0, dtype=torch.float64, device=F.device)
+    else:
+        old = M_old.to(device=F.device, dtype=torch.float64)
     f = F.detach().double()
     total = float(f.pow(2).sum())
     if total <= 0.0 or old.shape[1] >= d:
-        return old.to(out_dtype) if M_old is not None else torch.zeros(d, 0, dtype=out_dtype, device=F.device)
+        return old.to(out_dtype)
     residual = f - old @ (old.T @ f)
     explained = max(0.0, (total - float(residual.pow(2).sum())) / total)
     U, S, _ = torch.linalg.svd(residual, full_matrices=False)

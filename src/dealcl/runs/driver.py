@@ -7,6 +7,7 @@ outputs. A killed run resumes after its last stage whose files match their manif
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -35,6 +36,7 @@ from ..models.loading import LoadedModel, load_model
 from ..train.batching import PromptEncoder
 from ..train.loop import TrainingServices, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage
 from .config import RunConfig, config_from_dict, method_config
+from ..train.distributed import launched_processes
 from .store import RunStore, atomic_write_json, atomic_write_text, dumps_json, sha256_file, verify_stage_dir, write_stage_dir
 
 log = logging.getLogger("dealcl")
@@ -42,7 +44,8 @@ REFERENCE = "reference"
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if launched_processes().is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -83,7 +86,7 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
         raise UserError(f"the task sequence names a task twice: {names}")
     if loaded is None:
         loaded = load_model(config.model, trust_remote_code=config.trust_remote_code)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = launched_processes().device
     loaded.model.to(device)
     precision = resolve_precision(config.precision, device)
     return Prepared(config, data_dir, tasks, method_class, options, config.lr or method_class.default_lr, loaded, device, precision)
@@ -124,6 +127,10 @@ def run_yaml(prep: Prepared) -> dict[str, Any]:
             "data_dir": str(prep.data_dir.resolve()),
             "model_source": prep.loaded.source,
             "arch": prep.loaded.arch,
+            # The global batch is batch_size x grad_accum whatever the number of processes:
+            # each rank computes 1/world of every step (train/distributed.py).
+            "world_size": launched_processes().world,
+            "global_batch": config.batch_size * config.grad_accum,
         },
         "provenance": {
             "dealcl": __version__,
@@ -198,8 +205,11 @@ class Evaluator:
         key = (task.name, fingerprint) if fingerprint else None
         if key is not None and key in self.cache:
             return self.cache[key], 0.0
-        sentences = [e.sentence for e in task.test]
-        context = method.eval_model(model, task) if method is not None else _null(model)
+        # Each rank answers its shard of the test set; the shards are gathered in input order.
+        ranks = self.services.processes
+        mine = ranks.shard(list(range(len(task.test))))
+        sentences = [task.test[i].sentence for i in mine]
+        context = method.eval_model(model, task) if method is not None else contextlib.nullcontext(model)
         answer = score_answers if self.prep.config.eval_mode == "score" else generate_answers
         with context as eval_model:
             answers, seconds = answer(
@@ -207,6 +217,8 @@ class Evaluator:
                 batch_size=self.prep.config.eval_batch_size, device=self.prep.device,
                 autocast=self.services.autocast, progress=self.progress,
             )
+        if ranks.world > 1:
+            answers = [a for _, a in sorted(ranks.gather(list(zip(mine, answers))))]
         if key is not None:
             self.cache[key] = answers
         return answers, seconds
@@ -265,17 +277,6 @@ class Evaluator:
         return results, fingerprints, seconds, generated
 
 
-class _null:
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        return self.model
-
-    def __exit__(self, *exc):
-        return False
-
-
 def predict_results(tasks: list[Task], results: dict[str, dict]) -> dict[str, Any]:
     """The upstream `predict_results.json` keys, so existing tooling keeps working.
 
@@ -332,7 +333,14 @@ def write_results(store: RunStore, prep: Prepared, stages: list[Stage], state: R
 def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loaded: LoadedModel | None = None) -> dict:
     """Run (or resume) a whole continual sequence; returns the results.json content."""
     prep = prepare(config, loaded)
-    store = open_run_dir(Path(output), prep)
+    ranks = launched_processes()
+    # Only rank 0 writes the run directory; the others wait for it and then read it.
+    if ranks.is_main:
+        store = open_run_dir(Path(output), prep)
+    ranks.barrier()
+    if not ranks.is_main:
+        store = RunStore(Path(output))
+        return _run(prep, store, progress=False)
     handler = _setup_log(store)
     try:
         return _run(prep, store, progress)
@@ -345,7 +353,8 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
     config = prep.config
     torch.manual_seed(config.seed)
     encoder = PromptEncoder(prep.loaded.tokenizer, prep.loaded.arch, config.max_source_length, config.prompt_style)
-    services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device)
+    ranks = launched_processes()
+    services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device, ranks)
     evaluator = Evaluator(prep, encoder, services, progress)
     state = RunState(efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
     log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,
@@ -359,7 +368,9 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
         else:
             say(f"stage 0 (zero-shot reference): evaluating {len(prep.tasks)} tasks")
             results, fingerprints, _, _ = evaluator.evaluate(prep.loaded.model, None, prep.tasks, None)
-            evaluator.write_stage(reference_dir, results, fingerprints)
+            if ranks.is_main:
+                evaluator.write_stage(reference_dir, results, fingerprints)
+            ranks.barrier()
             state.reference = results
 
     method = prep.method_class(prep.method_options, services)
@@ -395,7 +406,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
                 log.warning("redoing %s: %s", directory, problem)
     state.efficiency = [e for e in state.efficiency if e.get("stage", 0) <= len(state.matrix_rows)]
 
-    summary = write_results(store, prep, stages, state, method.joint) if state.matrix_rows else {}
+    summary = write_results(store, prep, stages, state, method.joint) if state.matrix_rows and ranks.is_main else {}
     for stage in stages:
         if stage.index <= len(state.matrix_rows):
             continue
@@ -413,11 +424,13 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
                 )
                 train_stats = train_stage(model, method, stage, items, settings, services, progress)
             method.on_task_end(model, stage)
-            write_stage_dir(adapter_dir, lambda d: method.save_state(model, d))
+            if ranks.is_main:
+                write_stage_dir(adapter_dir, lambda d: method.save_state(model, d))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         eval_tasks = prep.tasks if (config.eval_all_stages or method.joint) else _seen_tasks(prep.tasks, stages, stage)
         results, fingerprints, eval_seconds, generated = evaluator.evaluate(model, method, eval_tasks, stage)
-        evaluator.write_stage(store.output_dir(stage.index, stage.name), results, fingerprints)
+        if ranks.is_main:
+            evaluator.write_stage(store.output_dir(stage.index, stage.name), results, fingerprints)
         state.matrix_rows.append(results)
         wall = time.perf_counter() - started
         state.efficiency.append({
@@ -427,8 +440,13 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
             "eval_examples": generated, "eval_seconds": round(eval_seconds, 3),
             "eval_examples_per_second": _round(generated / eval_seconds if eval_seconds > 0 else None),
             "peak_memory_mb": round(peak_memory_mb(prep.device), 1),
+            "world_size": ranks.world,
+            "step_losses": train_stats.get("step_losses", []),
             "trainable_parameters": train_stats.get("trainable_parameters", trainable),
         })
+        ranks.barrier()
+        if not ranks.is_main:
+            continue
         atomic_write_json(store.efficiency_path, {
             "device": str(prep.device), "precision": prep.precision, "threads": torch.get_num_threads(),
             "stages": state.efficiency,

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
 from ..methods.base import ContinualMethod, Stage, TrainItem
-from ..faults import fault_point
+from ..faults import fault_point, trace_shard
 from .batching import EncodedExample, PromptEncoder, collate_train, num_targets
+from .distributed import Processes, single_process
 
 log = logging.getLogger("dealcl")
 
@@ -73,11 +74,13 @@ class TrainSettings:
 class TrainingServices:
     """What a method may use from the engine: the encoder, autocast, and the answer-only forward."""
 
-    def __init__(self, encoder: PromptEncoder, arch: str, precision: str, device: torch.device) -> None:
+    def __init__(self, encoder: PromptEncoder, arch: str, precision: str, device: torch.device,
+                 processes: Processes | None = None) -> None:
         self.encoder = encoder
         self.arch = arch
         self.precision = precision
         self.device = device
+        self.processes = processes or single_process()
 
     def autocast(self):
         if self.precision == "bf16":
@@ -170,35 +173,45 @@ def train_stage(
     running: dict[str, float] = {}
     last_logged: dict[str, float] = {}
     computed_tokens = answer_tokens = 0  # for FLOP accounting (bench/speed.py)
+    step_losses: list[float] = []
+    ranks = services.processes
     for _epoch in range(settings.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for step_indices in _epoch_steps(order, step_size, lengths, settings.group_by_length, generator):
             step += 1
+            # The step's global batch is the same on every rank; each rank computes its shard
+            # and the loss is normalised by the global answer-token count (train/distributed.py).
+            step_targets = sum(len(encoded[i].answer_ids) for i in step_indices)
+            shard = ranks.shard(step_indices)
+            trace_shard(ranks.rank, stage.index, shard)
             micro_batches = [
                 services.to_device(collate_train([encoded[i] for i in chunk], services.arch, services.encoder.pad_id))
-                for chunk in _steps(step_indices, settings.batch_size)
+                for chunk in _steps(shard, settings.batch_size)
             ]
-            step_targets = sum(num_targets(b) for b in micro_batches)
             computed_tokens += sum(b["input_ids"].numel() + b.get("labels", b["input_ids"][:, :0]).numel()
                                    for b in micro_batches)
             answer_tokens += step_targets
-            terms_this_step: dict[str, float] = {}
+            terms_this_step: dict[str, float] = {"task": 0.0}
             for batch in micro_batches:
                 share = num_targets(batch) / step_targets
                 loss_sum, logits = services.task_loss_sum(model, batch)
                 task_loss = loss_sum / step_targets
                 extras = method.extra_losses(model, batch, logits)
                 loss = task_loss + sum((term * share for term in extras.values()), torch.zeros((), device=task_loss.device))
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) in task '{stage.name}' (stage {stage.index}) at step {step}; "
-                        f"the last finished stage is kept: lower the learning rate (now lr={settings.lr:g}, "
-                        f"try lr={settings.lr / 10:g}) or use precision=fp32, then `dealcl resume`"
-                    )
                 loss.backward()
-                terms_this_step["task"] = terms_this_step.get("task", 0.0) + float(task_loss.detach())
+                terms_this_step["task"] += float(task_loss.detach())
                 for name, term in extras.items():
                     terms_this_step[name] = terms_this_step.get(name, 0.0) + float(term.detach()) * share
+            terms_this_step = ranks.sum_values(terms_this_step)
+            step_loss = sum(terms_this_step.values())
+            if not math.isfinite(step_loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({step_loss}) in task '{stage.name}' (stage {stage.index}) at step {step}; "
+                    f"the last finished stage is kept: lower the learning rate (now lr={settings.lr:g}, "
+                    f"try lr={settings.lr / 10:g}) or use precision=fp32, then `dealcl resume`"
+                )
+            step_losses.append(step_loss)
+            ranks.sum_gradients(params)
             method.after_backward(model)
             if settings.max_grad_norm and settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -208,7 +221,7 @@ def train_stage(
             for name, value in terms_this_step.items():
                 running[name] = running.get(name, 0.0) + value
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(terms_this_step.values()):.4f}")
+            bar.set_postfix(loss=f"{step_loss:.4f}")
             if step % settings.log_every == 0 or step == total_steps:
                 last_logged = {k: v / step for k, v in running.items()}
                 log.info(
@@ -226,5 +239,6 @@ def train_stage(
         "mean_loss_terms": last_logged or {k: v / max(step, 1) for k, v in running.items()},
         "trainable_parameters": sum(p.numel() for p in params),
         "computed_tokens": computed_tokens,
+        "step_losses": step_losses,
         "answer_tokens": answer_tokens,
     }

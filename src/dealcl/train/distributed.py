@@ -1,0 +1,87 @@
+"""Data parallelism on accelerate's process state: who we are, and the few collectives we need.
+
+Launch with `torchrun --nproc_per_node N -m dealcl run …`, `accelerate launch -m dealcl run …`
+or `dealcl run --num-processes N`. Every rank holds the whole model and all data; each
+optimizer step's global batch is drawn once (same seed everywhere) and sharded across ranks,
+the loss is normalised by the step's global answer-token count, and the summed gradients are
+therefore exactly the single-process gradient. Every rank then takes the same optimizer step,
+so parameters, optimizer state and method state (GORP's SVD and memory, DEAL's filter and MLP,
+O-LoRA's frozen adapters, Replay's buffer, EWC's Fisher) stay identical without further sync.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+
+class Processes:
+    """The process group as dealcl sees it; a single process needs no communication at all."""
+
+    def __init__(self, state=None) -> None:
+        self.state = state
+        self.world = state.num_processes if state is not None else 1
+        self.rank = state.process_index if state is not None else 0
+        self.is_main = self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if self.state is not None:
+            return torch.device(self.state.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def shard(self, items: list) -> list:
+        """This rank's share: every world-th item, so shards differ in size by at most one."""
+        return items[self.rank :: self.world]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """All-reduce (sum) the gradients of `params` in one flat buffer."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def sum_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum named numbers over ranks (a rank may lack a key: it counts as zero)."""
+        if self.world == 1:
+            return values
+        merged: dict[str, float] = {}
+        for part in self.gather([values]):
+            for key, value in part.items():
+                merged[key] = merged.get(key, 0.0) + value
+        return merged
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Concatenate every rank's list, in rank order, on every rank."""
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+
+def single_process() -> Processes:
+    return Processes(None)
+
+
+@lru_cache(maxsize=1)
+def launched_processes() -> Processes:
+    """The processes this program was launched with (torchrun / accelerate launch), or one."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return single_process()
+    from accelerate import PartialState
+
+    return Processes(PartialState(cpu=not torch.cuda.is_available()))

@@ -1,0 +1,63 @@
+"""Data parallel on CPU (gloo): 2 processes give the same losses and results as 1 process
+with the same global batch, the ranks see disjoint halves, and only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dealcl.methods import REGISTRY
+
+METHODS = [m for m in ("seqlora", "olora", "gorp", "deal") if m in REGISTRY]
+
+
+def _run(data: Path, out: Path, method: str, processes: int, shard_log: Path) -> subprocess.CompletedProcess:
+    option = ["method.dropout=0.0"] if "dropout" in {f.name for f in REGISTRY[method].options()} else []
+    args = ["run", "--tasks", "toyA,toyB", "--model", "tiny-llama", "--data", str(data), "--output", str(out),
+            "--method", method, "--precision", "fp32", "--batch-size", "4", "--grad-accum", "2", "--lr", "5e-3",
+            "--train-per-task", "16", "--test-per-task", "7", "--quiet", "--num-processes", str(processes), *option]
+    env = {**os.environ, "DEALCL_SHARD_LOG": str(shard_log), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "dealcl", *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_equal_one_process(toy_data, tmp_path, method):
+    one = _run(toy_data, tmp_path / "one", method, 1, tmp_path / "shards-one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run(toy_data, tmp_path / "two", method, 2, tmp_path / "shards-two")
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    stages_one = json.loads((tmp_path / "one" / "efficiency.json").read_text())["stages"]
+    stages_two = json.loads((tmp_path / "two" / "efficiency.json").read_text())["stages"]
+    assert [s["world_size"] for s in stages_two] == [2, 2]
+    for a, b in zip(stages_one, stages_two):
+        assert len(a["step_losses"]) == len(b["step_losses"]) > 0
+        assert b["step_losses"] == pytest.approx(a["step_losses"], abs=1e-5)
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two")]
+    for key in ("accuracy_matrix", "average_accuracy", "backward_transfer", "invalid_rate_matrix"):
+        assert results[0][key] == results[1][key], key
+
+    # Disjoint halves of every global batch, together the whole of it.
+    rank0 = (tmp_path / "shards-two.0").read_text().splitlines()
+    rank1 = (tmp_path / "shards-two.1").read_text().splitlines()
+    single = (tmp_path / "shards-one.0").read_text().splitlines()
+    assert len(rank0) == len(rank1) == len(single)
+    for a, b, whole in zip(rank0, rank1, single):
+        ia, ib, iw = (set(line.split()[1:]) for line in (a, b, whole))
+        assert ia and ib and not ia & ib and ia | ib == iw
+
+
+def test_only_rank_zero_writes(toy_data, tmp_path):
+    """A second rank that wrote anything would leave files the manifests do not list, or
+    duplicated log lines; the run directory of 2 processes has exactly the 1-process files."""
+    for processes, name in ((1, "one"), (2, "two")):
+        done = _run(toy_data, tmp_path / name, "seqlora", processes, tmp_path / f"shards-{name}")
+        assert done.returncode == 0, done.stderr[-2000:]
+    files = [sorted(str(p.relative_to(tmp_path / n)) for p in (tmp_path / n).rglob("*")) for n in ("one", "two")]
+    assert files[0] == files[1]
+    log_two = (tmp_path / "two" / "logs" / "train_and_infer.log").read_text()
+    assert log_two.count("stage 1 toyA done") == 1
