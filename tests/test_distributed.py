@@ -61,3 +61,13 @@ def test_only_rank_zero_writes(toy_data, tmp_path):
     assert files[0] == files[1]
     log_two = (tmp_path / "two" / "logs" / "train_and_infer.log").read_text()
     assert log_two.count("stage 1 toyA done") == 1
+
+
+def test_an_unsupported_backend_is_one_error_line(toy_data, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}
+    done = subprocess.run([sys.executable, "-m", "dealcl", "run", "--tasks", "toyA", "--model", "tiny-llama",
+                           "--data", str(toy_data), "--output", str(tmp_path / "x"), "--quiet"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: FSDP is not supported") and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

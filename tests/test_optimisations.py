@@ -95,3 +95,18 @@ def test_length_grouping_keeps_every_example_once_per_epoch():
     plain = _epoch_steps(order, 8, lengths, False, torch.Generator().manual_seed(1))
     plain_spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in plain) / len(plain)
     assert spread < plain_spread / 4  # grouped batches pad far less
+
+
+def test_bf16_base_weights_keep_fp32_adapters(toy_data, tmp_path):
+    from dealcl.methods import REGISTRY
+    from dealcl.runs.driver import prepare
+
+    prep = prepare(tiny_run_config(toy_data, model_dtype="bf16"))
+    services = TrainingServices(PromptEncoder(prep.loaded.tokenizer, "causal"), "causal", "bf16", torch.device("cpu"))
+    method = REGISTRY["seqlora"](prep.method_options, services)
+    model = method.prepare_model(prep.loaded.model)
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    results = run_continual(tiny_run_config(toy_data, model_dtype="bf16", precision="bf16"), tmp_path / "r", progress=False)
+    assert len(results["accuracy_matrix"]) == 2

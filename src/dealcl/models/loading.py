@@ -137,9 +137,11 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
     spec = MODELS.get(name)
     if spec is not None and spec.source == TINY_LLAMA:
         model, tokenizer = tiny_llama()
+        model.to(dtype)
         return _finish(model, tokenizer, "causal", name, TINY_LLAMA)
     if spec is not None and spec.source == TINY_T5:
         model, tokenizer = tiny_t5()
+        model.to(dtype)
         return _finish(model, tokenizer, "seq2seq", name, TINY_T5)
     if spec is not None and spec.source == EMBEDDED_SMOLLM2:
         gguf = embedded_gguf_path()

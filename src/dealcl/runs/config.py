@@ -40,7 +40,8 @@ class RunConfig:
     group_by_length: bool = True  # batches of similar length (less padding); false: plain shuffle
     seed: int = 42
     max_source_length: int = 512
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 (autocast for compute)
+    model_dtype: str = "fp32"  # fp32 | bf16: how the frozen base weights are stored (adapters stay fp32)
     prompt_style: str = "plain"  # plain | chat
     eval_batch_size: int = 16
     eval_mode: str = "generate"  # generate (exact match of greedy answers) | score (most likely label)
@@ -58,7 +59,7 @@ class RunConfig:
         return {k: v for k, v in data.items() if k not in self.NON_SEMANTIC}
 
 
-CHOICES = {"eval_mode": ("generate", "score"), "sample": ("first", "random"), "precision": ("auto", "bf16", "fp32"), "prompt_style": ("plain", "chat")}
+CHOICES = {"model_dtype": ("fp32", "bf16"), "eval_mode": ("generate", "score"), "sample": ("first", "random"), "precision": ("auto", "bf16", "fp32"), "prompt_style": ("plain", "chat")}
 POSITIVE = {"epochs", "batch_size", "grad_accum", "eval_batch_size", "max_source_length", "train_per_task", "test_per_task", "lr"}
 NON_NEGATIVE = {"val_per_task", "max_grad_norm", "seed"}
 

@@ -85,7 +85,8 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
     if len(set(names)) != len(names):
         raise UserError(f"the task sequence names a task twice: {names}")
     if loaded is None:
-        loaded = load_model(config.model, trust_remote_code=config.trust_remote_code)
+        dtype = torch.bfloat16 if config.model_dtype == "bf16" else torch.float32
+        loaded = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=dtype)
     device = launched_processes().device
     loaded.model.to(device)
     precision = resolve_precision(config.precision, device)

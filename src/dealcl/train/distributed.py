@@ -80,6 +80,14 @@ def launched_processes() -> Processes:
     """The processes this program was launched with (torchrun / accelerate launch), or one."""
     import os
 
+    from ..errors import UserError
+
+    for variable, backend in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO")):
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            raise UserError(
+                f"{backend} is not supported: dealcl trains data-parallel, every rank holding the whole model "
+                "(docs/SCALING.md has the method x backend matrix); launch without the FSDP/DeepSpeed config"
+            )
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return single_process()
     from accelerate import PartialState
