@@ -267,9 +267,6 @@ class Gorp(ContinualMethod):
     def _current_adapter(self) -> str:
         return self.current or self.adapters[-1]
 
-    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
     def build_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         """One ProjectedAdam with groups G, L, R (§3.2, §3.3); fresh each task, as upstream."""
         options = self.config
@@ -321,9 +318,11 @@ class Gorp(ContinualMethod):
                 # A's moment is r×d_in: its right singular vectors span the input space (W4).
                 key = f"lora_a:{name}"
                 self.memory[key] = extend_memory(self.memory.get(key), state["exp_avg"].float().T, tau).cpu()
-        ranks = {k: int(v.shape[1]) for k, v in self.memory.items()}
-        if ranks:
-            log.info("gorp stage %d: memory ranks %s", stage.index, ranks)
+        for group in ("galore", "lora_a"):  # spec §7: log the memory ranks k per module (summarised)
+            ranks = [int(v.shape[1]) for k, v in self.memory.items() if k.startswith(group + ":")]
+            if ranks:
+                log.info("gorp stage %d: %s memory rank min %d mean %.1f max %d over %d modules", stage.index,
+                         group, min(ranks), sum(ranks) / len(ranks), max(ranks), len(ranks))
         self._activate(model, None)  # this task's adapter is frozen from now on
 
     # ---- checkpoints -------------------------------------------------------------------------
