@@ -132,3 +132,17 @@ def test_batched_generation_equals_one_at_a_time(toy_data, model):
     single = [generate_answers(loaded.model, encoder, task, [s], batch_size=1, **kwargs)[0][0] for s in sentences]
     assert batched == single
     assert any(batched)  # a random model still says something
+
+
+def test_shared_prefix_generation_equals_plain_generation(toy_data):
+    loaded = load_model("tiny-llama")
+    task = load_task("toyC", toy_data)
+    encoder = PromptEncoder(loaded.tokenizer, loaded.arch)
+    sentences = [e.sentence for e in task.test] + ["a much longer sentence to force some padding " * 3]
+    kwargs = dict(arch="causal", device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False),
+                  progress=False, batch_size=4)
+    shared, _ = generate_answers(loaded.model, encoder, task, sentences, share_prefix=True, **kwargs)
+    plain, _ = generate_answers(loaded.model, encoder, task, sentences, share_prefix=False, **kwargs)
+    single = [generate_answers(loaded.model, encoder, task, [s], share_prefix=False, **kwargs)[0][0] for s in sentences]
+    assert shared == plain == single
+    assert any(shared)

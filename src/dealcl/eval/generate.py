@@ -7,6 +7,7 @@ the longest label's token count plus 3 tokens.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -38,6 +39,21 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
+MIN_SHARED_PREFIX = 8  # tokens; below this a shared cache saves less than it costs to copy
+
+
+def _common_prefix(prompts: list[list[int]]) -> list[int]:
+    """The token prefix every prompt shares, leaving each at least one token of its own."""
+    if len(prompts) < 2:
+        return []
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return first[:n] if n >= MIN_SHARED_PREFIX else []
+
+
 @torch.inference_mode()
 def generate_answers(
     model: torch.nn.Module,
@@ -50,8 +66,13 @@ def generate_answers(
     device: torch.device,
     autocast,
     progress: bool = True,
+    share_prefix: bool = True,
 ) -> tuple[list[str], float]:
-    """Greedy answers for `sentences`, in input order, and the seconds it took."""
+    """Greedy answers for `sentences`, in input order, and the seconds it took.
+
+    Decoder-only prompts of one task begin with the same tokens (task, dataset, instruction,
+    options): with `share_prefix` that common prefix is computed once, and every batch starts
+    from a copy of its key/value cache."""
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -67,15 +88,31 @@ def generate_answers(
         decoder_start_token_id=getattr(getattr(model, "config", None), "decoder_start_token_id", None),
     )
     answers: list[str] = [""] * len(prompts)
+    prefix = _common_prefix(prompts) if share_prefix and arch == "causal" else []
+    prefix_cache = None
+    if prefix:
+        with autocast():
+            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
     bar = tqdm(total=len(prompts), desc=f"eval {task.name}", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         rows = [prompts[i] for i in chunk]
         pad = _left_pad if arch == "causal" else _right_pad
-        input_ids, attention_mask = pad(rows, encoder.pad_id)
+        extra = {}
+        if prefix_cache is not None:
+            # [prefix | left-padded suffix]: the mask hides the pads, positions follow the mask.
+            suffix_ids, suffix_mask = pad([r[len(prefix):] for r in rows], encoder.pad_id)
+            input_ids = torch.cat([torch.tensor([prefix]).expand(len(rows), -1), suffix_ids], dim=1)
+            attention_mask = torch.cat([torch.ones(len(rows), len(prefix), dtype=torch.long), suffix_mask], dim=1)
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            extra["past_key_values"] = cache
+        else:
+            input_ids, attention_mask = pad(rows, encoder.pad_id)
         with autocast():
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+                **extra,
             )
         new_tokens = output[:, input_ids.shape[1] :] if arch == "causal" else output
         texts = tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
