@@ -146,3 +146,25 @@ def test_shared_prefix_generation_equals_plain_generation(toy_data):
     single = [generate_answers(loaded.model, encoder, task, [s], share_prefix=False, **kwargs)[0][0] for s in sentences]
     assert shared == plain == single
     assert any(shared)
+
+
+def test_predict_answers_new_inputs_with_the_final_model(toy_data, tmp_path, capsys):
+    from dealcl.cli import main
+
+    out = tmp_path / "run"
+    run_continual(tiny_run_config(toy_data), out, progress=False)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"sentence": "the good cat"}\n{"sentence": "a bad sun"}\n')
+    capsys.readouterr()
+    assert main(["predict", str(out), "--input", str(inputs), "--task", "toyB"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["sentence"] for r in rows] == ["the good cat", "a bad sun"] and all("prediction" in r for r in rows)
+    # With labels the predictions are scored; they equal the run's own predictions on its test set.
+    test = json.loads((toy_data / "SC" / "toyB" / "test.json").read_text())
+    labelled = tmp_path / "test.json"
+    labelled.write_text(json.dumps(test))
+    assert main(["predict", str(out), "--input", str(labelled), "--task", "toyB", "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert "exact match" in capsys.readouterr().err
+    ours = [json.loads(l)["prediction"] for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+    run_rows = [json.loads(l) for l in (out / "outputs" / "2-toyB" / "predict_eval_predictions.jsonl").read_text().splitlines()]
+    assert ours == [r["prediction"] for r in run_rows if r["Dataset"] == "toyB"]

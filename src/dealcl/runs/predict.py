@@ -11,6 +11,8 @@ import torch
 from ..data.loading import read_inputs
 from ..errors import UserError
 from ..eval.generate import generate_answers
+from ..eval.metrics import score_task
+from ..eval.score import score_answers
 from ..methods import ContinualMethod, Stage
 from ..train.batching import PromptEncoder
 from ..train.loop import TrainingServices
@@ -58,8 +60,9 @@ def predict_file(run_dir: Path, input_path: Path, *, task_name: str | None = Non
     if name not in tasks:
         raise UserError(f"task '{name}' is not part of run {run_dir} (its tasks: {', '.join(tasks)})")
     task = tasks[name]
+    answer = score_answers if final.prep.config.eval_mode == "score" else generate_answers
     with final.method.eval_model(final.model, task) as eval_model:
-        answers, _ = generate_answers(
+        answers, _ = answer(
             eval_model, final.encoder, task, sentences, arch=final.prep.loaded.arch,
             batch_size=final.prep.config.eval_batch_size, device=final.prep.device,
             autocast=final.services.autocast, progress=sys.stderr.isatty(),
@@ -67,10 +70,14 @@ def predict_file(run_dir: Path, input_path: Path, *, task_name: str | None = Non
     rows = []
     for i, (sentence, answer) in enumerate(zip(sentences, answers)):
         row = {"task": name, "sentence": sentence, "prediction": answer}
-        if labels[i] is not None:
+        if labels is not None:
             row["label"] = labels[i]
         rows.append(json.dumps(row, ensure_ascii=False))
     text = "\n".join(rows) + "\n"
+    if labels is not None:
+        score = score_task(answers, labels, task.labels)
+        print(f"exact match {score['exact_match']:.2f} on {len(labels)} inputs "
+              f"(invalid outputs {score['invalid_rate']:.1f}%)", file=sys.stderr)
     if output is None:
         sys.stdout.write(text)
     else:
