@@ -1,0 +1,53 @@
+"""Render docs/RESULTS.md from the comparison folders under results/ (see bench/results.sh)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+YAHOO_NOTE = ("yahoo: the shared CL_Benchmark copy has a small yahoo split (see ../shared/CL_Benchmark/"
+              "PROVENANCE.md), so every figure that includes yahoo carries more sampling noise")
+
+
+def _fmt(value, digits=1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(value) -> str:
+    return "" if not value else f" [{value[0]:.1f}, {value[1]:.1f}]"
+
+
+def section(folder: Path) -> list[str]:
+    comparison = json.loads((folder / "comparison.json").read_text())
+    runs = comparison["runs"]
+    lines = [f"### {folder.name}", "",
+             "| run | method | AA [95% CI] | BWT [95% CI] | invalid % (last stage) | train ex/s | peak MB | trainable | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["run"].split("-")[0], -(r["average_accuracy"] or 0))):
+        lines.append(
+            f"| {r['run']} | {r['method']} | {_fmt(r['average_accuracy'])}{_interval(r['aa_interval'])} | "
+            f"{_fmt(r['backward_transfer'])}{_interval(r['bwt_interval'])} | {_fmt(r['final_invalid_rate'])} | "
+            f"{_fmt(r['train_samples_per_second'], 2)} | {_fmt(r['peak_memory_mb'], 0)} | {r['trainable_parameters']} | "
+            f"{_fmt(r['wall_seconds'], 0)} |")
+    lines += ["", f"![AA and BWT]({Path('..') / folder / 'aa_bwt.png'})", ""]
+    return lines
+
+
+def main() -> int:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
+    folders = sorted(p.parent for p in root.glob("*/comparison.json"))
+    out = ["# Results", "",
+           "Measured by `bench/results.sh` on the project's 2-core CPU machine (no GPU): smollm2-135m "
+           "(SmolLM2-135M-Instruct), standard benchmark, 200 training and 100 test examples per task "
+           "(the first ones of each file), seed 42 unless the folder says otherwise, each method's default "
+           "hyperparameters (docs/METHODS.md), greedy generation and exact match. AA and BWT in points; "
+           "brackets: bootstrap 95% intervals over test examples (100 per task: about ±10 points per cell).",
+           "", f"Note — {YAHOO_NOTE}.", ""]
+    for folder in folders:
+        out += section(folder)
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
