@@ -116,7 +116,9 @@ def gguf_cache_dir(path: Path) -> Path:
 
 def _load_pretrained(location: str, name: str, source: str, trust_remote_code: bool, dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a 0.1 s safetensors load needs no progress bar
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
         arch = _arch_of(config)
