@@ -79,3 +79,72 @@ def load_adapter_tensors(model: PeftModel, directory: Path, adapter_name: str = 
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UserError(f"{directory}: adapter holds unexpected tensors, e.g. {unexpected[0]}")
+
+
+class TaskAdapters:
+    """One PEFT LoRA adapter per task ("task1", "task2", …) on the same target modules.
+
+    `activate(names, trainable)` makes `names` the active adapters (PEFT sums their outputs)
+    and lets only `trainable`'s LoRA weights train. A new adapter gets PEFT's init (Kaiming-
+    uniform A, zero B, so adding it leaves the function unchanged) from a generator seeded by
+    the task index, so a resumed run builds the same adapter as an uninterrupted one.
+    """
+
+    def __init__(self, config: LoraConfig, seed: int) -> None:
+        self.config = config
+        self.seed = seed
+        self.names: list[str] = []
+
+    def wrap(self, model: torch.nn.Module) -> PeftModel:
+        wrapped = wrap_with_lora(model, self.config, adapter_name="task1")
+        self.names = ["task1"]
+        self._init(wrapped, "task1", 1)
+        return wrapped
+
+    def add(self, model: PeftModel) -> str:
+        name = f"task{len(self.names) + 1}"
+        with torch.random.fork_rng(devices=[]):
+            model.add_adapter(name, self.config)
+        self.names.append(name)
+        self._init(model, name, len(self.names))
+        return name
+
+    def _init(self, model: PeftModel, name: str, index: int) -> None:
+        import math
+
+        generator = torch.Generator().manual_seed(self.seed * 1000 + 500 + index)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                weight = layer.lora_A[name].weight
+                fresh = torch.empty(weight.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                weight.copy_(fresh.to(weight.dtype))
+                layer.lora_B[name].weight.zero_()
+
+    def activate(self, model: PeftModel, names: list[str], trainable: str | None) -> None:
+        model.base_model.set_adapter(list(names))
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable is not None and ".lora_" in name and f".{trainable}." in name)
+
+    def save(self, model: PeftModel, directory: Path) -> None:
+        tensors = {}
+        for name in self.names:
+            for key, value in get_peft_model_state_dict(model, adapter_name=name).items():
+                tensors[f"{name}/{key}"] = value.detach().contiguous().cpu()
+        save_file(tensors, str(directory / "task_adapters.safetensors"))
+        (directory / "task_adapters.json").write_text(json.dumps({"adapters": self.names}, indent=2))
+
+    def load(self, model: PeftModel, directory: Path) -> None:
+        meta_path = directory / "task_adapters.json"
+        if not meta_path.is_file():
+            raise UserError(f"{directory}: no task_adapters.json (not a checkpoint of this method)")
+        names = json.loads(meta_path.read_text())["adapters"]
+        while len(self.names) < len(names):
+            self.add(model)
+        tensors = load_file(str(directory / "task_adapters.safetensors"))
+        for name in names:
+            own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+            result = set_peft_model_state_dict(model, own, adapter_name=name)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise UserError(f"{directory}: adapter {name} holds unexpected tensors, e.g. {unexpected[0]}")
