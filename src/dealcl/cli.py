@@ -83,6 +83,10 @@ def build_parser() -> Parser:
     sub.add_parser("benchmarks", help="list the benchmarks and their task orders")
     sub.add_parser("models", help="list the model short names")
 
+    export = sub.add_parser("export", help="write a run's final model as a stock PEFT adapter or merged weights")
+    export.add_argument("run_dir")
+    export.add_argument("--to", required=True, dest="to", help="destination folder (new or empty)")
+
     data = sub.add_parser("data", help="benchmark data")
     data_sub = data.add_subparsers(dest="data_command", parser_class=Parser, metavar="ACTION")
     data_sub.required = True
@@ -230,6 +234,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .runs.export import export_run
+
+    kind = export_run(Path(args.run_dir), Path(args.to))
+    what = "a PEFT adapter (load with peft.PeftModel.from_pretrained on the base model)" if kind == "adapter" \
+        else "merged model weights (load with transformers' from_pretrained)"
+    print(f"exported {args.run_dir} to {args.to}: {what}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.download import download_cl_benchmark
 
@@ -240,7 +254,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run, "compare": cmd_compare, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
-    "benchmarks": cmd_benchmarks, "models": cmd_models, "data": cmd_data,
+    "benchmarks": cmd_benchmarks, "models": cmd_models, "export": cmd_export, "data": cmd_data,
 }
 
 

@@ -78,6 +78,11 @@ class ContinualMethod:
     trains: ClassVar[bool] = True
     # True when the run is one joint stage (MTL): results report AA only.
     joint: ClassVar[bool] = False
+    # How `dealcl export` takes the final model out: "adapter" (the active PEFT LoRA adapters,
+    # summed into one stock adapter), "merged" (adapters merged into full safetensors weights),
+    # or None with `export_refusal` saying why it cannot be done.
+    export_as: ClassVar[str | None] = None
+    export_refusal: ClassVar[str] = "its final model is not a plain (or mergeable) LoRA model"
 
     def __init__(self, config: MethodConfig, services: "TrainingServices") -> None:
         self.config = config

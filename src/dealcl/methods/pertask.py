@@ -30,6 +30,7 @@ class PerTask(ContinualMethod):
     description = "an independent LoRA per task, each task evaluated with its own adapter (upper bound)"
     paper = "baseline (PerTaskFT in O-LoRA, Wang et al., EMNLP 2023 Findings), LoRA variant"
     config_class = PerTaskConfig
+    export_refusal = "each task is answered by its own adapter: there is no single final model (see adapters/)"
     default_lr = 5e-4  # seqlora's calibrated value for the same adapter on smollm2-135m
     default_rank = 8
     default_alpha = 32.0

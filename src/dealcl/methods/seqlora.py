@@ -21,6 +21,7 @@ class SeqLora(ContinualMethod):
     description = "one LoRA adapter carried and trained on every task in turn"
     paper = "baseline (Hu et al., 2021 LoRA; as in O-LoRA, Wang et al., EMNLP 2023)"
     config_class = SeqLoraConfig
+    export_as = "adapter"
     default_lr = 5e-4
     # Calibrated on smollm2-135m: r 8 took agnews from 0 % to 77 % EM in 256 examples.
     default_rank = 8

@@ -10,3 +10,4 @@ class ZeroShot(ContinualMethod):
     description = "trains nothing: the base model's own accuracy on each task (reference for FWT)"
     paper = "reference point (no training)"
     trains = False
+    export_refusal = "it trains nothing: the base model is the final model"
