@@ -1,4 +1,11 @@
-"""Replay: SeqLoRA that mixes a small seeded sample of every earlier task into later tasks' data."""
+"""Replay: SeqLoRA whose later tasks train on their own data plus a small seeded sample of every
+earlier task (experience replay; gorp_olora_spec.md §2.5: no upstream code, built by definition).
+
+The buffer is a pure function of (seed option, task name, the task's training list, the options):
+task j's sample is drawn with random.Random(f"{seed}-{name}") from its training list, so it is
+the same on every rank, after a resume, and whatever the order of the sequence. Nothing about
+the buffer needs to be checkpointed; `save_state` still writes it (replay_buffer.json) as a record.
+"""
 from __future__ import annotations
 
 import json
@@ -17,49 +24,74 @@ from .seqlora import SeqLora
 
 @dataclass
 class ReplayConfig(LoraOptions):
-    fraction: float = 0.02  # share of each finished task's training set kept in the buffer
-    min_examples: int = 8  # at least this many per task (small tasks)
+    # Share of each finished task's training set kept for replay (2 %: the usual small-buffer setting).
+    replay_fraction: float = 0.02
+    # At least this many examples per finished task (capped at the task's size), so that small
+    # tasks (CB: 250 training examples → 5 at 2 %) still replay one batch's worth.
+    replay_min: int = 8
+    # Seeds the per-task sample. The method never sees the run's seed, so it has its own option:
+    # set method.seed=<run seed> to tie them; 0 by default (the sample then depends on the task only).
+    seed: int = 0
 
     def validate(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise UserError(f"method.fraction must be in (0, 1], got {self.fraction}")
-        if self.min_examples < 0:
-            raise UserError(f"method.min_examples must not be negative, got {self.min_examples}")
+        if not 0 <= self.replay_fraction <= 1:
+            raise UserError(f"method.replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        if self.replay_min < 0:
+            raise UserError(f"method.replay_min must not be negative, got {self.replay_min}")
 
 
 def buffer_size(n_train: int, fraction: float, minimum: int) -> int:
-    return min(n_train, max(minimum, math.ceil(fraction * n_train)))
+    """max(minimum, ⌈fraction·n⌉), never more than the task has."""
+    return min(n_train, max(minimum, math.ceil(fraction * n_train - 1e-9)))
+
+
+def replay_sample(task: Task, fraction: float, minimum: int, seed: int) -> list[Example]:
+    """The task's buffer: a seeded sample of its training list, kept in the list's order."""
+    k = buffer_size(len(task.train), fraction, minimum)
+    rng = random.Random(f"{seed}-{task.name}")
+    return [task.train[i] for i in sorted(rng.sample(range(len(task.train)), k))]
 
 
 @register
 class Replay(SeqLora):
     name = "replay"
-    description = "one LoRA; later tasks' batches mix in a seeded sample (2%, at least 8) of every earlier task"
-    paper = "experience replay baseline (e.g. as in Wang et al., EMNLP 2023 / TRACE)"
+    description = "one LoRA; later tasks also train on a seeded sample (2 %, at least 8) of every earlier task"
+    paper = "experience replay baseline (e.g. Rolnick et al., NeurIPS 2019; as listed in O-LoRA, EMNLP 2023)"
     config_class = ReplayConfig
+    # Same adapter and same data scale as seqlora (the buffer adds ≤ 2 % per past task), so the
+    # seqlora calibration (5e-4 on smollm2-135m) carries over.
+    default_lr = 5e-4
 
     def stages(self, tasks: list[Task]) -> list[Stage]:
-        self.tasks = {t.name: t for t in tasks}
-        self.buffer: dict[str, list[Example]] = {}
-        return super().stages(tasks)
+        self._stages = super().stages(tasks)
+        return self._stages
+
+    def samples(self, before: int, exclude: set[str] = frozenset()) -> list[TrainItem]:
+        """The samples of the tasks of every stage with index < `before`, in sequence order."""
+        c = self.config
+        return [(task, ex) for earlier in self._stages if earlier.index < before
+                for task in earlier.train_tasks if task.name not in exclude
+                for ex in replay_sample(task, c.replay_fraction, c.replay_min, c.seed)]
+
+    def buffer(self, stage: Stage) -> list[TrainItem]:
+        """What `stage` replays: every earlier task's sample (none for the first stage)."""
+        return self.samples(stage.index, {t.name for t in stage.train_tasks})
 
     def training_items(self, stage: Stage) -> list[TrainItem]:
-        replayed = [(self.tasks[name], example) for name, examples in self.buffer.items() for example in examples]
-        return super().training_items(stage) + replayed
+        # The loop shuffles, so appending mixes the buffer into the new task's batches.
+        return super().training_items(stage) + self.buffer(stage)
 
     def on_task_end(self, model: torch.nn.Module, stage: Stage) -> None:
-        for task in stage.train_tasks:
-            # Seeded by the task alone: the buffer does not depend on order or on resume.
-            rng = random.Random(f"replay\0{task.name}")
-            k = buffer_size(len(task.train), self.config.fraction, self.config.min_examples)
-            self.buffer[task.name] = [task.train[i] for i in sorted(rng.sample(range(len(task.train)), k))]
+        super().on_task_end(model, stage)
+        self._finished = stage.index
 
     def save_state(self, model: torch.nn.Module, directory: Path) -> None:
         super().save_state(model, directory)
-        buffer = {name: [[e.sentence, e.label] for e in examples] for name, examples in self.buffer.items()}
-        (directory / "replay_buffer.json").write_text(json.dumps(buffer, ensure_ascii=False))
+        # A record of the buffer after this stage (load_state rebuilds it from the data).
+        rows = [{"task": t.name, "sentence": e.sentence, "label": e.label}
+                for t, e in self.samples(getattr(self, "_finished", 0) + 1)]
+        (directory / "replay_buffer.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
 
     def load_state(self, model: torch.nn.Module, directory: Path, stage: Stage) -> None:
         super().load_state(model, directory, stage)
-        buffer = json.loads((directory / "replay_buffer.json").read_text())
-        self.buffer = {name: [Example(s, l) for s, l in rows] for name, rows in buffer.items()}
+        self._finished = stage.index
