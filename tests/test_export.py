@@ -51,3 +51,44 @@ def test_unexportable_methods_are_one_error_line(toy_data, tmp_path, capsys, met
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and reason in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_export_kind_is_detected_for_methods_that_declare_nothing():
+    """A plugin without export_as: plain LoRA → merged; extra modules or inactive adapters → refused."""
+    from dealcl.methods import REGISTRY
+    from dealcl.methods.base import ContinualMethod, LoraOptions
+    from dealcl.methods.lora import TaskAdapters, lora_config
+    from dealcl.runs.export import export_kind
+
+    class Plugin(ContinualMethod):
+        name = "plugin"
+
+    method = Plugin.__new__(Plugin)
+    plain = load_model("tiny-llama").model
+    assert export_kind(method, plain)[0] == "merged"
+    adapters = TaskAdapters(lora_config(plain, LoraOptions(), 4, 8.0), 0)
+    model = adapters.wrap(plain)
+    adapters.add(model)
+    adapters.activate(model, ["task1", "task2"], None)
+    assert export_kind(method, model)[0] == "merged"
+    adapters.activate(model, ["task2"], None)
+    kind, reason = export_kind(method, model)
+    assert kind is None and "inactive" in reason
+    adapters.activate(model, ["task1", "task2"], None)
+    model.base_model.model.model.extra = torch.nn.Linear(2, 2)
+    kind, reason = export_kind(method, model)
+    assert kind is None and "besides" in reason
+    # declared attributes win over detection
+    pertask = REGISTRY["pertask"]
+    assert export_kind(pertask.__new__(pertask), model) == (None, pertask.export_refusal)
+
+
+def test_non_empty_destination_is_refused_before_any_work(tmp_path):
+    from dealcl.errors import UserError
+    from dealcl.runs.export import export_run
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        export_run(tmp_path / "no-such-run", tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"

@@ -18,6 +18,7 @@ adapter's A is drawn from a generator seeded by the task so resume is exact.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,30 @@ from ..errors import UserError
 from .base import ContinualMethod, LoraOptions, Stage, register
 from .lora import TaskAdapters, lora_config, lora_layers
 
-OVERLAP_NORMS = ("l1", "frobenius2")
+# "fro2" is accepted as a short alias of "frobenius2".
+OVERLAP_NORMS = ("l1", "frobenius2", "fro2")
+
+
+def orthogonal_overlap(a_old: torch.Tensor, a_new: torch.Tensor, norm: str = "l1") -> torch.Tensor:
+    """‖A_old A_newᵀ‖ for one module (gorp_olora_spec.md §2.2).
+
+    a_old: (r_sum, d_in), the rows of every earlier task's A on this module; a_new: (r, d_in).
+    norm "l1": Σ_jk |(A_old A_newᵀ)_jk| (the released code); "frobenius2"/"fro2": Σ_jk (·)², the
+    paper. Computed in fp32 whatever the adapters' dtype.
+    """
+    product = a_old.float() @ a_new.float().T
+    if norm == "l1":
+        return product.abs().sum()
+    if norm in ("frobenius2", "fro2"):
+        return product.pow(2).sum()
+    raise ValueError(f"unknown overlap norm {norm!r}")
 
 
 @dataclass
 class OLoraConfig(LoraOptions):
     lambda1: float = 0.5  # weight of the orthogonality (overlap) term; upstream orders 1-3: 0.5
     lambda2: float = 0.0  # weight of the Frobenius norm of the new LoRA; upstream orders 1-3: 0
-    overlap_norm: str = "l1"  # l1 (entry-wise |A_old A_newᵀ|, the code) or frobenius2 (squared, the paper)
+    overlap_norm: str = "l1"  # l1 (entry-wise |A_old A_newᵀ|, the code) or frobenius2 / fro2 (squared, the paper)
 
     def validate(self) -> None:
         if self.overlap_norm not in OVERLAP_NORMS:
@@ -67,6 +84,7 @@ class OLora(ContinualMethod):
         options = self.config
         config = lora_config(model, options, options.rank or self.default_rank, options.alpha or self.default_alpha)
         self.adapters = TaskAdapters(config, torch.initial_seed() % (2**31))
+        self.current, self.old, self.pairs = "task1", [], []
         wrapped = self.adapters.wrap(model)
         self.adapters.activate(wrapped, ["task1"], "task1")
         return wrapped
@@ -78,25 +96,30 @@ class OLora(ContinualMethod):
         self.adapters.activate(model, self.adapters.names[: stage.index], current)
         self.current = current
         self.old = self.adapters.names[: stage.index - 1]
+        # Pair every module's earlier A's with its new A and B once per task (spec §6 O6: upstream
+        # matched names in a double loop every micro-step). Parameter references, not copies, so
+        # the pairs follow the model across device moves.
+        self.pairs = [([layer.lora_A[name].weight for name in self.old],
+                       layer.lora_A[current].weight, layer.lora_B[current].weight)
+                      for _, layer in lora_layers(model)]
 
     def extra_losses(self, model: torch.nn.Module, batch: dict[str, Any], answer_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.config.lambda1 > 0 and self.old:
             terms["orth"] = self.config.lambda1 * self.overlap(model)
         if self.config.lambda2 > 0:
-            norms = [layer.lora_A[self.current].weight.norm() + layer.lora_B[self.current].weight.norm()
-                     for _, layer in lora_layers(model)]
+            # Σ of the (not squared) Frobenius norms of the new A and B, as coded (spec §2.2, O2).
+            norms = [a_new.float().norm() + b_new.float().norm() for _, a_new, b_new in self.pairs]
             terms["l2"] = self.config.lambda2 * torch.stack(norms).sum()
         return terms
 
-    def overlap(self, model: torch.nn.Module) -> torch.Tensor:
-        """Σ over modules of ‖A_old A_newᵀ‖ (entry-wise L1, or squared Frobenius)."""
-        total = []
-        for _, layer in lora_layers(model):
-            a_new = layer.lora_A[self.current].weight
-            a_old = torch.cat([layer.lora_A[name].weight for name in self.old]).detach()
-            product = a_old.float() @ a_new.float().T
-            total.append(product.abs().sum() if self.config.overlap_norm == "l1" else product.pow(2).sum())
+    def overlap(self, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Σ over modules of ‖A_old A_newᵀ‖ (entry-wise L1, or squared Frobenius), spec §2.2.
+
+        The earlier A's are frozen (detached here too), so the gradient reaches the new A only.
+        """
+        total = [orthogonal_overlap(torch.cat(old).detach(), a_new, self.config.overlap_norm)
+                 for old, a_new, _ in self.pairs if old]
         return torch.stack(total).sum()
 
     def on_task_end(self, model: torch.nn.Module, stage: Stage) -> None:
@@ -104,8 +127,14 @@ class OLora(ContinualMethod):
 
     def save_state(self, model: torch.nn.Module, directory: Path) -> None:
         self.adapters.save(model, directory)
+        # The seed of the adapters' init, so that a resumed run draws the next task's A exactly as
+        # the uninterrupted run would, whatever the global RNG state at load time.
+        (directory / "olora.json").write_text(json.dumps({"init_seed": self.adapters.seed}, indent=2))
 
     def load_state(self, model: torch.nn.Module, directory: Path, stage: Stage) -> None:
+        meta = directory / "olora.json"
+        if meta.is_file():
+            self.adapters.seed = int(json.loads(meta.read_text())["init_seed"])
         self.adapters.load(model, directory)
         self.adapters.activate(model, self.adapters.names[: stage.index], None)
 

@@ -75,9 +75,16 @@ class PerTask(ContinualMethod):
 
     def save_state(self, model: torch.nn.Module, directory: Path) -> None:
         self.adapters.save(model, directory)
-        (directory / "pertask.json").write_text(json.dumps(self.task_adapter, indent=2))
+        # task → adapter, and the adapters' init seed (a resumed run draws the next adapter exactly
+        # as the uninterrupted one would).
+        state = {"task_adapter": self.task_adapter, "init_seed": self.adapters.seed}
+        (directory / "pertask.json").write_text(json.dumps(state, indent=2))
 
     def load_state(self, model: torch.nn.Module, directory: Path, stage: Stage) -> None:
+        state = json.loads((directory / "pertask.json").read_text())
+        if "task_adapter" not in state:  # checkpoints written before the seed was saved
+            state = {"task_adapter": state}
+        self.adapters.seed = int(state.get("init_seed", self.adapters.seed))
         self.adapters.load(model, directory)
-        self.task_adapter = json.loads((directory / "pertask.json").read_text())
+        self.task_adapter = dict(state["task_adapter"])
         self.adapters.activate(model, [self.adapters.names[stage.index - 1]], None)

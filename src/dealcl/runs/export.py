@@ -6,6 +6,10 @@
   r·T with A stacked by rows, B by columns and α·T, so `PeftModel.from_pretrained` reproduces it.
 - "merged" methods (gorp, seqft): full model weights (safetensors) with the adapters merged in.
 - Others (deal's MLP, pertask's per-task adapters) cannot be taken out as one model: an error.
+The kind comes from the method class's `export_as` / `export_refusal`; a method that declares
+neither (a user plugin) is classified from its model: only standard LoRA layers on the stock
+architecture, all adapters active → "merged" (right whether or not the base weights were trained);
+a plain model with the stock architecture → "merged"; anything else (extra modules) → refused.
 The tokenizer is written next to the weights either way; the folder is written atomically.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from ..methods.base import ContinualMethod
 from .predict import load_final_model
 
 
@@ -30,6 +35,8 @@ def _summed_adapter(model, names: list[str]) -> tuple[dict[str, torch.Tensor], d
     if any(c.r != first.r or c.lora_alpha != first.lora_alpha or set(c.target_modules) != set(first.target_modules)
            for c in configs):
         raise UserError("the active adapters differ in rank, alpha or targets: they cannot be summed into one adapter")
+    if getattr(first, "use_dora", False) or first.rank_pattern or first.alpha_pattern:
+        raise UserError("the adapters use DoRA or per-module ranks: they cannot be summed into one adapter")
     states = [get_peft_model_state_dict(model, adapter_name=n) for n in names]
     merged = {}
     for key in states[0]:
@@ -41,9 +48,56 @@ def _summed_adapter(model, names: list[str]) -> tuple[dict[str, torch.Tensor], d
         else:
             raise UserError(f"cannot sum adapter tensor {key}: only lora_A/lora_B are supported")
     config = first.to_dict()
-    config.update(r=first.r * len(names), lora_alpha=first.lora_alpha * len(names))
+    # Keep each task's scale: α/r with r → r·T needs α·T; rsLoRA's α/√r needs α·√T.
+    factor = len(names) ** 0.5 if getattr(first, "use_rslora", False) else len(names)
+    config.update(r=first.r * len(names), lora_alpha=first.lora_alpha * factor)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     return merged, config
+
+
+def _declares(cls: type, attribute: str) -> bool:
+    return any(attribute in klass.__dict__ for klass in cls.__mro__ if klass is not ContinualMethod)
+
+
+def _stock_names(model: torch.nn.Module) -> set[str] | None:
+    """Parameter names of the plain transformers model of this architecture (built on meta)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return {n for n, _ in type(model)(config).named_parameters()}
+    except Exception:  # noqa: BLE001 (an architecture that cannot be rebuilt is not stock)
+        return None
+
+
+def export_kind(method, model: torch.nn.Module) -> tuple[str | None, str]:
+    """("adapter" | "merged" | None, reason when None) for a method's final model."""
+    cls = type(method)
+    if _declares(cls, "export_as") or _declares(cls, "export_refusal"):
+        return cls.export_as, cls.export_refusal
+    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
+
+    if isinstance(model, PeftModel):
+        if not isinstance(model.base_model, LoraModel):
+            return None, "its adapter is not a LoRA adapter"
+        inner = model.base_model.model
+        active = set(model.base_model.active_adapters)
+        if set(model.peft_config) - active:
+            return None, "some of its adapters are inactive (task-specific adapters): no single final model"
+        names = {n.replace(".base_layer.", ".") for n, _ in inner.named_parameters() if ".lora_" not in n}
+        if getattr(model, "modules_to_save", None):
+            return None, "its adapter trains whole modules besides LoRA"
+    else:
+        inner = model
+        names = {n for n, _ in model.named_parameters()}
+    stock = _stock_names(inner)
+    if stock is None or names != stock:
+        return None, "its model holds modules besides standard LoRA layers and the stock weights"
+    # Merged weights are right whether or not the method also changed the base weights; a plugin
+    # that keeps them frozen can declare export_as = "adapter" for the smaller stock adapter.
+    return "merged", ""
 
 
 def export_run(run_dir: Path, destination: Path) -> str:
@@ -51,9 +105,9 @@ def export_run(run_dir: Path, destination: Path) -> str:
         raise UserError(f"{destination} exists and is not empty; choose another --to")
     final = load_final_model(Path(run_dir))
     method, model = final.method, final.model
-    kind = type(method).export_as
+    kind, reason = export_kind(method, model)
     if kind is None:
-        raise UserError(f"method '{method.name}' cannot be exported: {type(method).export_refusal}")
+        raise UserError(f"method '{method.name}' cannot be exported: {reason}")
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
