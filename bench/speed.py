@@ -269,6 +269,33 @@ def part_scaling(n_train: int, n_test: int) -> dict:
 
 
 # ---- the driver --------------------------------------------------------------------------------
+class Rows:
+    """Result rows, printed as each is measured (a long run keeps what it has) and at the end
+    as one table; the raw measurements go to --json after every row."""
+
+    WIDTH = 40
+
+    def __init__(self, json_path: Path | None, measured: dict) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.json_path, self.measured = json_path, measured
+        print(f"{'measure':<{self.WIDTH}}  {'dealcl':>16}  {'baseline':>16}  ratio", flush=True)
+
+    def append(self, row: tuple[str, str, str, str]) -> None:
+        self.rows.append(row)
+        print(self._line(row), flush=True)
+        if self.json_path:
+            self.json_path.write_text(json.dumps(self.measured, indent=2))
+
+    def _line(self, row) -> str:
+        what, ours_text, base_text, ratio = row
+        return f"{what:<{self.WIDTH}}  {ours_text:>16}  {base_text:>16}  {ratio}"
+
+    def table(self) -> None:
+        print("\n== summary ==")
+        for row in self.rows:
+            print(self._line(row))
+
+
 def _subprocess(part: str, args: list[str], env: dict[str, str] | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--run-part", part, "--part-output", out.name, *args]
@@ -306,7 +333,7 @@ def main() -> int:
     parts = [p for p in args.parts.split(",") if p]
     measured: dict = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                                   "torch": torch.__version__}}
-    rows: list[tuple[str, str, str, str]] = []  # (what, dealcl, baseline, ratio)
+    rows = Rows(args.json, measured)
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -375,12 +402,7 @@ def main() -> int:
                          f"{r['eval_s'] / r['total_s']:.0%}", f"{r['eval_examples']} eval examples"))
         rows.append(("15 vs 3 tasks: total time", "", "", f"{fifteen['total_s'] / three['total_s']:.1f}x"))
 
-    width = max(len(r[0]) for r in rows) if rows else 10
-    print(f"{'measure':<{width}}  {'dealcl':>16}  {'baseline':>16}  ratio")
-    for what, ours_text, base_text, ratio in rows:
-        print(f"{what:<{width}}  {ours_text:>16}  {base_text:>16}  {ratio}")
-    if args.json:
-        args.json.write_text(json.dumps(measured, indent=2))
+    rows.table()
     return 0
 
 
