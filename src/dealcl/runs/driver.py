@@ -427,7 +427,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
             method.on_task_end(model, stage)
             if ranks.is_main:
                 write_stage_dir(adapter_dir, lambda d: method.save_state(model, d))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method.trains else 0
         eval_tasks = prep.tasks if (config.eval_all_stages or method.joint) else _seen_tasks(prep.tasks, stages, stage)
         results, fingerprints, eval_seconds, generated = evaluator.evaluate(model, method, eval_tasks, stage)
         if ranks.is_main:
