@@ -99,7 +99,14 @@ class TaskAdapters:
         wrapped = wrap_with_lora(model, self.config, adapter_name="task1")
         self.names = ["task1"]
         self._init(wrapped, "task1", 1)
+        self.activate(wrapped, ["task1"], "task1")
         return wrapped
+
+    def for_task(self, model: PeftModel, index: int) -> str:
+        """The adapter of task `index` (1-based), adding the missing ones first."""
+        while len(self.names) < index:
+            self.add(model)
+        return self.names[index - 1]
 
     def add(self, model: PeftModel) -> str:
         name = f"task{len(self.names) + 1}"

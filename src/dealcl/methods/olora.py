@@ -85,14 +85,10 @@ class OLora(ContinualMethod):
         config = lora_config(model, options, options.rank or self.default_rank, options.alpha or self.default_alpha)
         self.adapters = TaskAdapters(config, torch.initial_seed() % (2**31))
         self.current, self.old, self.pairs = "task1", [], []
-        wrapped = self.adapters.wrap(model)
-        self.adapters.activate(wrapped, ["task1"], "task1")
-        return wrapped
+        return self.adapters.wrap(model)
 
     def on_task_start(self, model: torch.nn.Module, stage: Stage) -> None:
-        while len(self.adapters.names) < stage.index:
-            self.adapters.add(model)
-        current = self.adapters.names[stage.index - 1]
+        current = self.adapters.for_task(model, stage.index)
         self.adapters.activate(model, self.adapters.names[: stage.index], current)
         self.current = current
         self.old = self.adapters.names[: stage.index - 1]
