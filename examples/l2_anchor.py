@@ -31,7 +31,7 @@ class L2Anchor(ContinualMethod):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         self.anchor: dict[str, torch.Tensor] = {}
-        return wrap_with_lora(model, lora_config(model, self.config, self.config.rank or 8, self.config.alpha or 32))
+        return wrap_with_lora(model, lora_config(model, self.config, 8, 32))
 
     def extra_losses(self, model, batch, answer_logits):
         if not self.anchor:

@@ -39,9 +39,11 @@ def default_targets(model: torch.nn.Module) -> list[str]:
 
 
 def lora_config(model: torch.nn.Module, options: LoraOptions, rank: int, alpha: float) -> LoraConfig:
+    """PEFT LoRA config from the user's options; `rank`/`alpha` are the method's defaults for
+    options left unset."""
     return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
+        r=options.rank or rank,
+        lora_alpha=options.alpha or alpha,
         lora_dropout=options.dropout,
         target_modules=list(options.target_modules or default_targets(model)),
         bias="none",

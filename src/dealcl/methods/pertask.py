@@ -36,8 +36,7 @@ class PerTask(ContinualMethod):
     default_alpha = 32.0
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        options = self.config
-        config = lora_config(model, options, options.rank or self.default_rank, options.alpha or self.default_alpha)
+        config = lora_config(model, self.config, self.default_rank, self.default_alpha)
         self.adapters = TaskAdapters(config, torch.initial_seed() % (2**31))
         self.task_adapter: dict[str, str] = {}  # task name → its adapter
         return self.adapters.wrap(model)

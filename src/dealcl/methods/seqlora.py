@@ -28,10 +28,7 @@ class SeqLora(ContinualMethod):
     default_alpha = 32.0
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        options = self.config
-        rank = options.rank or self.default_rank
-        alpha = options.alpha or self.default_alpha
-        return wrap_with_lora(model, lora_config(model, options, rank, alpha))
+        return wrap_with_lora(model, lora_config(model, self.config, self.default_rank, self.default_alpha))
 
     def save_state(self, model: torch.nn.Module, directory: Path) -> None:
         save_adapter_tensors(model, directory)
