@@ -82,6 +82,11 @@ CASES = [
     ("resume-not-a-run", lambda t: ["resume", str(t / "data")], "data"),
     ("predict-wrong-format", lambda t: (_finished_run(t), ["predict", str(t / "out"), "--input", str(_write(t / "in.json", '{"not": "a list"}'))])[1], "in.json"),
     ("report-not-a-run", lambda t: ["report", str(t / "data")], "data"),
+    ("compare-orders-not-numbers", lambda t: ["compare", "--benchmark", "standard", "--orders", "1,two", "--methods",
+                                              "seqlora", "--data", str(t / "data"), "--output", str(t / "out")], "--orders"),
+    ("num-processes-zero", lambda t: _run_args(t, "--num-processes", "0"), "--num-processes"),
+    ("export-destination-not-empty", lambda t: (_finished_run(t), _write(t / "dest/x.txt", "mine"),
+                                                ["export", str(t / "out"), "--to", str(t / "dest")])[2], "dest"),
 ]
 
 
