@@ -108,13 +108,19 @@ def _flags(args: argparse.Namespace) -> dict:
 
 
 def _relaunch(argv: list[str], processes: int) -> int:
-    """`--num-processes N`: the same command under torchrun, N processes on this machine."""
-    import subprocess
+    """`--num-processes N`: the same command as N processes on this machine, launched the way
+    `torchrun --standalone` does it but in-process, so that a failing rank shows its own
+    `error:` line and not the launcher's traceback."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {processes}")
     rest, skip = [], False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue
@@ -124,9 +130,23 @@ def _relaunch(argv: list[str], processes: int) -> int:
         if arg.startswith("--num-processes="):
             continue
         rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "dealcl", *rest]
-    return subprocess.run(command).returncode
+    # Share the cores between the processes (torchrun would give each one thread).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(launch, sys.executable)("-m", "dealcl", *rest)
+    except ChildFailedError as exc:
+        codes = sorted({failure.exitcode for failure in exc.failures.values()})
+        if 2 in codes:
+            return 2  # a user error: rank 0 printed its one line; the launcher stopped the others
+        print(f"error: a training process failed (exit codes {codes}); rerun with --num-processes 1 to see why",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -141,10 +161,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _relaunch(args.argv, args.num_processes)
     output = Path(args.output) if args.output else Path("runs") / f"{config.benchmark or 'custom'}-{config.method.replace('/', '_')}"
     run_continual(config, output, progress=not args.quiet)
-    if not launched_processes().is_main:
-        return 0
-    print(format_report([load_run(output)]))
-    print(f"results: {output}/results.json")
+    ranks = launched_processes()
+    if ranks.is_main:
+        print(format_report([load_run(output)]))
+        print(f"results: {output}/results.json")
+    ranks.close()
     return 0
 
 
@@ -269,11 +290,24 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         message = " ".join(str(exc).split())  # exactly one line
-        print(f"error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank raises it; one prints it
+            print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept, continue with `dealcl resume RUN_DIR`", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A rank that exits still in a gloo/NCCL group can abort ("terminate called without an
+    active exception"); tear the group down on every way out."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

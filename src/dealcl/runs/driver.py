@@ -336,12 +336,9 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
     prep = prepare(config, loaded)
     ranks = launched_processes()
     # Only rank 0 writes the run directory; the others wait for it and then read it.
-    if ranks.is_main:
-        store = open_run_dir(Path(output), prep)
-    ranks.barrier()
+    store = ranks.on_main(lambda: open_run_dir(Path(output), prep))
     if not ranks.is_main:
-        store = RunStore(Path(output))
-        return _run(prep, store, progress=False)
+        return _run(prep, RunStore(Path(output)), progress=False)
     handler = _setup_log(store)
     try:
         return _run(prep, store, progress)
@@ -369,9 +366,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
         else:
             say(f"stage 0 (zero-shot reference): evaluating {len(prep.tasks)} tasks")
             results, fingerprints, _, _ = evaluator.evaluate(prep.loaded.model, None, prep.tasks, None)
-            if ranks.is_main:
-                evaluator.write_stage(reference_dir, results, fingerprints)
-            ranks.barrier()
+            ranks.on_main(lambda: evaluator.write_stage(reference_dir, results, fingerprints))
             state.reference = results
 
     method = prep.method_class(prep.method_options, services)
@@ -407,7 +402,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
                 log.warning("redoing %s: %s", directory, problem)
     state.efficiency = [e for e in state.efficiency if e.get("stage", 0) <= len(state.matrix_rows)]
 
-    summary = write_results(store, prep, stages, state, method.joint) if state.matrix_rows and ranks.is_main else {}
+    summary = ranks.on_main(lambda: write_results(store, prep, stages, state, method.joint)) if state.matrix_rows else {}
     for stage in stages:
         if stage.index <= len(state.matrix_rows):
             continue
@@ -425,13 +420,11 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
                 )
                 train_stats = train_stage(model, method, stage, items, settings, services, progress)
             method.on_task_end(model, stage)
-            if ranks.is_main:
-                write_stage_dir(adapter_dir, lambda d: method.save_state(model, d))
+            ranks.on_main(lambda: write_stage_dir(adapter_dir, lambda d: method.save_state(model, d)))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method.trains else 0
         eval_tasks = prep.tasks if (config.eval_all_stages or method.joint) else _seen_tasks(prep.tasks, stages, stage)
         results, fingerprints, eval_seconds, generated = evaluator.evaluate(model, method, eval_tasks, stage)
-        if ranks.is_main:
-            evaluator.write_stage(store.output_dir(stage.index, stage.name), results, fingerprints)
+        ranks.on_main(lambda: evaluator.write_stage(store.output_dir(stage.index, stage.name), results, fingerprints))
         state.matrix_rows.append(results)
         wall = time.perf_counter() - started
         state.efficiency.append({
@@ -445,14 +438,9 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
             "step_losses": train_stats.get("step_losses", []),
             "trainable_parameters": train_stats.get("trainable_parameters", trainable),
         })
-        ranks.barrier()
+        summary = ranks.on_main(lambda: _write_stage_summaries(store, prep, stages, state, method.joint))
         if not ranks.is_main:
             continue
-        atomic_write_json(store.efficiency_path, {
-            "device": str(prep.device), "precision": prep.precision, "threads": torch.get_num_threads(),
-            "stages": state.efficiency,
-        })
-        summary = write_results(store, prep, stages, state, method.joint)
         scores = " ".join(f"{name}={r['exact_match']:.1f}" for name, r in results.items())
         say(
             f"stage {stage.index}/{len(stages)} {stage.name}: trained {train_stats['train_examples']} examples "
@@ -460,6 +448,14 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
         )
         log.info("stage %d %s done: %s", stage.index, stage.name, scores)
     return summary
+
+
+def _write_stage_summaries(store: RunStore, prep: Prepared, stages: list[Stage], state: RunState, joint: bool) -> dict:
+    atomic_write_json(store.efficiency_path, {
+        "device": str(prep.device), "precision": prep.precision, "threads": torch.get_num_threads(),
+        "stages": state.efficiency,
+    })
+    return write_results(store, prep, stages, state, joint)
 
 
 def _seen_tasks(tasks: list[Task], stages: list[Stage], stage: Stage) -> list[Task]:

@@ -10,6 +10,7 @@ O-LoRA's frozen adapters, Replay's buffer, EWC's Fisher) stay identical without 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -38,6 +39,35 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             self.state.wait_for_everyone()
+
+    def on_main(self, action: Callable[[], Any]) -> Any:
+        """Run `action` on rank 0 only (a write to the run directory) and keep the ranks in step.
+
+        A user error raised there (an output directory in the way, a full disk) is sent to
+        every rank and raised on each, so that no rank waits forever for one that gave up.
+        Returns the action's value on rank 0 and None elsewhere; doubles as a barrier.
+        """
+        if self.world == 1:
+            return action()
+        from ..errors import UserError
+
+        value, outcome = None, [None]
+        if self.is_main:
+            try:
+                value = action()
+            except UserError as exc:
+                outcome = [str(exc)]
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise UserError(outcome[0])
+        return value
+
+    def close(self) -> None:
+        """Leave the process group cleanly: wait for every rank, then tear the group down, so
+        that no rank exits while another still talks to it."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            self.state.wait_for_everyone()
+            torch.distributed.destroy_process_group()
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (sum) the gradients of `params` in one flat buffer."""
