@@ -37,8 +37,17 @@ def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, 
 
     monkeypatch.setattr(driver, "train_stage", no_training)
     before = (out / "custom-seqlora" / "results.json").read_bytes()
+    intervals = [(r["aa_interval"], r["bwt_interval"]) for r in comparison["runs"]]
+    # What results/ keeps of a finished run: no adapters, no sentence-quoting prediction files.
+    import shutil
+
+    shutil.rmtree(out / "custom-seqlora" / "adapters")
+    for path in (out / "custom-seqlora" / "outputs").glob("*/predict_eval_predictions.jsonl"):
+        path.unlink()
     assert main(_args(toy_data, out)) == 0
     assert (out / "custom-seqlora" / "results.json").read_bytes() == before
+    again = json.loads((out / "comparison.json").read_text())["runs"]
+    assert [(r["aa_interval"], r["bwt_interval"]) for r in again] == intervals
 
 
 def test_bootstrap_interval_contains_the_point_estimate(toy_data, tmp_path):

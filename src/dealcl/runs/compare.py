@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import UserError
 from ..eval.metrics import bootstrap_intervals, exact_match
 from .config import RunConfig, validate
-from .driver import run_continual
+from .driver import PREDICTIONS, run_continual
 from .report import RunSummary, load_run
 from .store import atomic_write_json, atomic_write_text
 
@@ -44,12 +44,9 @@ def _correct_by_stage(run_dir: Path, task_order: list[str]) -> dict[tuple[int, i
         head = stage_dir.name.split("-", 1)[0]
         if not head.isdigit() or int(head) == 0:
             continue
-        with open(stage_dir / "predict_eval_predictions.jsonl", encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    row = json.loads(line)
-                    key = (int(head), index[row["Dataset"]])
-                    correct.setdefault(key, []).append(exact_match(row["prediction"], row["label"]))
+        answers = json.loads((stage_dir / PREDICTIONS).read_text())
+        for name, task in answers.items():
+            correct[(int(head), index[name])] = [exact_match(p, y) for p, y in zip(task["predictions"], task["labels"])]
     return correct
 
 

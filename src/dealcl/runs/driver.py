@@ -41,6 +41,8 @@ from .store import RunStore, atomic_write_json, atomic_write_text, dumps_json, s
 
 log = logging.getLogger("dealcl")
 REFERENCE = "reference"
+PREDICTIONS = "predictions.json"  # answers and labels per task, no sentences
+UPSTREAM_PREDICTIONS = "predict_eval_predictions.jsonl"  # upstream layout, quotes the test sentences
 
 
 def say(message: str) -> None:
@@ -236,7 +238,13 @@ class Evaluator:
                         "Task": task.task_type, "Dataset": task.name, "sentence": example.sentence,
                         "label": example.label, "prediction": prediction,
                     }).replace("\n", " ").strip())
-            atomic_write_text(tmp / "predict_eval_predictions.jsonl", "\n".join(lines) + "\n")
+            atomic_write_text(tmp / UPSTREAM_PREDICTIONS, "\n".join(lines) + "\n")
+            # The same answers without the test sentences: small, free of benchmark text, so
+            # results/ can commit it and resume and compare can work from it alone.
+            atomic_write_json(tmp / PREDICTIONS, {
+                task.name: {"predictions": results[task.name]["predictions"], "labels": [e.label for e in task.test]}
+                for task in self.prep.tasks if task.name in results
+            })
             atomic_write_json(tmp / "eval_fingerprints.json", fingerprints)
 
         write_stage_dir(directory, fill)
@@ -247,14 +255,9 @@ class Evaluator:
 
         scores = json.loads((directory / "predict_results.json").read_text())
         fingerprints = json.loads((directory / "eval_fingerprints.json").read_text())
-        predictions: dict[str, list[str]] = {}
-        with open(directory / "predict_eval_predictions.jsonl", encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    row = json.loads(line)
-                    predictions.setdefault(row["Dataset"], []).append(row["prediction"])
+        answers = json.loads((directory / PREDICTIONS).read_text())
         results = {}
-        for name, preds in predictions.items():
+        for name, preds in ((name, a["predictions"]) for name, a in answers.items()):
             results[name] = {
                 "exact_match": scores[f"predict_exact_match_for_{name}"],
                 "invalid_rate": scores.get(f"predict_invalid_rate_for_{name}"),
@@ -378,8 +381,12 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
         raise UserError("a method produced two stages with the same name")
 
     # Resume: the last stage whose checkpoint verifies, and whose earlier outputs all verify.
-    resume_from = 0
-    for stage in stages:
+    # A finished run (every stage's outputs verify) needs no checkpoint at all: its adapters
+    # may have been deleted to save space (results/ keeps none) and nothing is retrained.
+    finished = all(verify_stage_dir(store.output_dir(s.index, s.name), optional=(UPSTREAM_PREDICTIONS,)) is None
+                   for s in stages)
+    resume_from = len(stages) if finished else 0
+    for stage in stages if not finished else []:
         if verify_stage_dir(store.adapter_dir(stage.index, stage.name)) is not None:
             break
         resume_from = stage.index
@@ -389,7 +396,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
         out_dir = store.output_dir(stage.index, stage.name)
         if verify_stage_dir(out_dir) is None:
             state.matrix_rows.append(evaluator.load_stage(out_dir))
-    if resume_from:
+    if resume_from and not finished:
         last = stages[resume_from - 1]
         method.load_state(model, store.adapter_dir(last.index, last.name), last)
         say(f"resuming {store.root} after stage {last.index} ({last.name})")

@@ -9,7 +9,7 @@ place: a folder whose manifest is missing or does not match is not a finished st
     logs/train_and_infer.log
     adapters/<k>-<task>/            the method's state after stage k (safetensors + json)
     outputs/0-reference/            the untouched model on every task (zero-shot b_j)
-    outputs/<k>-<task>/             predict_results.json, predict_eval_predictions.jsonl
+    outputs/<k>-<task>/             predict_results.json, predict_eval_predictions.jsonl, predictions.json
     results.json                    metrics only: identical for identical runs
     efficiency.json                 wall time, throughput, memory per stage
 """
@@ -127,8 +127,12 @@ def write_stage_dir(final: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
-def verify_stage_dir(directory: Path) -> str | None:
-    """None if the folder is a finished stage whose files all match its manifest, else why not."""
+def verify_stage_dir(directory: Path, optional: tuple[str, ...] = ()) -> str | None:
+    """None if the folder is a finished stage whose files all match its manifest, else why not.
+
+    Files named in `optional` may be absent (a finished run whose bulky copies were pruned),
+    but where present they must still match.
+    """
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not directory.is_dir():
@@ -140,6 +144,8 @@ def verify_stage_dir(directory: Path) -> str | None:
     for name, expected in manifest.items():
         path = directory / name
         if not path.is_file():
+            if name in optional:
+                continue
             return f"{name} is missing"
         if sha256_file(path) != expected:
             return f"{name} does not match its manifest"
