@@ -110,3 +110,79 @@ def test_bf16_base_weights_keep_fp32_adapters(toy_data, tmp_path):
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
     results = run_continual(tiny_run_config(toy_data, model_dtype="bf16", precision="bf16"), tmp_path / "r", progress=False)
     assert len(results["accuracy_matrix"]) == 2
+
+
+@pytest.mark.parametrize("method", ["seqlora", "olora", "gorp", "deal"])
+def test_bf16_fast_paths_change_no_loss_and_restore_the_weights(toy_data, tmp_path, monkeypatch, method):
+    """Holding frozen linear weights in bf16 and keeping LoRA inputs in bf16 is exact under bf16
+    autocast (the casts are the ones autocast does anyway): per-step losses are bit-identical,
+    and afterwards every weight is back in fp32 with its old values."""
+    import contextlib
+
+    import dealcl.train.loop as loop
+
+    def run(name: str) -> tuple[list[list[float]], dict]:
+        config = tiny_run_config(toy_data, method=method, precision="bf16", method_options={"dropout": 0.1})
+        run_continual(config, tmp_path / name, progress=False)
+        stages = json.loads((tmp_path / name / "efficiency.json").read_text())["stages"]
+        return [s["step_losses"] for s in stages], json.loads((tmp_path / name / "results.json").read_text())
+
+    seen: list[dict[str, torch.Tensor]] = []
+    real = loop.bf16_fast_paths
+
+    @contextlib.contextmanager
+    def watched(model, precision):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        with real(model, precision):
+            assert any(p.dtype == torch.bfloat16 for p in model.parameters())
+            yield
+        after = dict(model.named_parameters())
+        for name, value in before.items():
+            assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+        seen.append(before)
+
+    monkeypatch.setattr(loop, "bf16_fast_paths", watched)
+    cast_losses, cast_results = run("cast")
+    assert seen
+    monkeypatch.setattr(loop, "bf16_fast_paths", lambda model, precision: contextlib.nullcontext())
+    plain_losses, plain_results = run("plain")
+    assert cast_losses == plain_losses and len(cast_losses[0]) > 0
+    assert cast_results["accuracy_matrix"] == plain_results["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_fast_dropout_is_dropout(p):
+    """The faster LoRA dropout drops each element with probability p (checked on 10^6 draws),
+    scales the kept ones by 1/(1-p), passes gradients through the same mask, and is the
+    identity in evaluation."""
+    from dealcl.train.loop import FastDropout
+
+    torch.manual_seed(0)
+    dropout = FastDropout(p)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / 1e6) ** 0.5
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    assert (y[:, :500] == 0).float().mean().item() == pytest.approx(p, abs=0.01)  # no biased lanes
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+
+
+def test_training_swaps_in_the_fast_dropout_on_lora_modules_only(toy_data):
+    from dealcl.methods import REGISTRY
+    from dealcl.train.loop import FastDropout, use_fast_dropout
+
+    loaded = load_model("tiny-t5")
+    services = TrainingServices(PromptEncoder(loaded.tokenizer, loaded.arch), loaded.arch, "fp32", torch.device("cpu"))
+    method = REGISTRY["seqlora"](REGISTRY["seqlora"].config_class(dropout=0.1), services)
+    model = method.prepare_model(loaded.model)
+    from dealcl.methods import Stage
+
+    method.on_task_start(model, Stage(1, "toyA", [load_task("toyA", toy_data)]))
+    use_fast_dropout(model)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert any(k is FastDropout for k in kinds.values())
+    assert all((k is FastDropout) == ("lora_dropout" in name) for name, k in kinds.items())

@@ -144,6 +144,74 @@ def training_attention(model: torch.nn.Module, device: torch.device):
         setter(previous)
 
 
+@contextlib.contextmanager
+def bf16_fast_paths(model: torch.nn.Module, precision: str):
+    """Under bf16 autocast, skip casts whose result is known in advance.
+
+    - Frozen linear weights are held in bf16 for the stage. Autocast re-casts every frozen
+      fp32 weight on every forward (it caches casts only for trainable leaves): 5% of a
+      smollm2 step. The cast is deterministic, so a weight cast once gives the same matmuls.
+      Trainable weights, LoRA factors (methods read them in fp32) and weights tied to an
+      embedding are left alone, and the fp32 tensors are put back afterwards, so checkpoints
+      see exactly the weights they saw before. CPU only: on a GPU the bf16 copies would cost
+      memory that big models need (use model_dtype=bf16 there). Evaluation gains nothing from
+      it (0.082 vs 0.084 s per example on smollm2), so it is used for training only.
+    - PEFT's LoRA layers cast their bf16 input up to the fp32 adapter dtype, and autocast casts
+      it straight back down for the adapter matmul: two copies of the activations per adapted
+      module. PEFT's own `disable_input_dtype_casting` keeps the input in bf16."""
+    if precision != "bf16":
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    lm = unwrap(model)
+    embeddings = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    tied = {id(embeddings.weight)} if embeddings is not None else set()
+    kept: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (type(module) is not torch.nn.Linear or "lora_" in name or weight is None or weight.requires_grad
+                or weight.dtype != torch.float32 or id(weight) in tied or weight.device.type != "cpu"):
+            continue
+        kept.append((weight, weight.data))
+        weight.data = weight.data.to(torch.bfloat16)
+    try:
+        with disable_input_dtype_casting(model):
+            yield
+    finally:
+        for weight, original in kept:
+            weight.data = original
+
+
+def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Bernoulli(1-p) keep mask from 16 random bits per element (p rounded to 1/65536).
+
+    On a CPU `bernoulli_` draws one double per element: 2.3 ms for a [900, 576] mask, four
+    times the bf16 matmul it feeds. Cutting 64-bit random words into four int16 lanes gives the
+    same distribution in 0.4 ms."""
+    count = math.prod(shape)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    threshold = -32768 + round(p * 65536)
+    return (words.view(torch.int16)[:count] >= threshold).view(shape)
+
+
+class FastDropout(torch.nn.Dropout):
+    """nn.Dropout with `_keep_mask` on a CPU; identical in distribution, and in evaluation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * _keep_mask(x.shape, self.p) * (1.0 / (1.0 - self.p))
+
+
+def use_fast_dropout(model: torch.nn.Module) -> None:
+    """Swap the LoRA dropouts (PEFT's `lora_dropout`, one per adapted module: 60 masks per
+    smollm2 forward, 11% of a step) for FastDropout; new adapters are swapped at their stage."""
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Dropout and "lora_dropout" in name:
+            module.__class__ = FastDropout
+
+
 def _steps(order: list[int], step_size: int) -> list[list[int]]:
     return [order[i : i + step_size] for i in range(0, len(order), step_size)]
 
@@ -175,12 +243,13 @@ def train_stage(
     progress: bool = True,
 ) -> dict:
     """Train `model` on `items` for one stage; return throughput and loss statistics."""
-    with training_attention(model, services.device):
+    with training_attention(model, services.device), bf16_fast_paths(model, services.precision):
         return _train_stage(model, method, stage, items, settings, services, progress)
 
 
 def _train_stage(model, method, stage, items, settings, services, progress) -> dict:
     model.train()
+    use_fast_dropout(model)
     optimizer = method.build_optimizer(model, settings.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     encoded = services.encode_items(items)
