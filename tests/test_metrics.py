@@ -113,3 +113,26 @@ def test_summarize_joint_run():
     assert summary["backward_transfer"] is None and summary["forward_transfer"] is None
     assert summary["forgetting"] == {"a": None, "b": None, "c": None}
     assert summary["mean_forgetting"] is None
+
+
+def test_bootstrap_of_a_joint_run_uses_its_one_stage():
+    """mtl trains every task in stage 1: its AA interval comes from that stage."""
+    from dealcl.eval.metrics import bootstrap_intervals
+
+    correct = {(1, 0): [True, False] * 50, (1, 1): [True] * 100}
+    low, high = bootstrap_intervals(correct, 2)["average_accuracy"]
+    assert low < 75.0 < high and high <= 100.0
+
+
+def test_peak_memory_is_counted_per_run():
+    """compare runs many runs in one process; each one's peak starts from the reset."""
+    import torch
+
+    from dealcl.runs.driver import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(100_000_000)  # 400 MB
+    high = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < high - 300

@@ -232,7 +232,8 @@ def bootstrap_intervals(
     import random
 
     rng = random.Random(seed)
-    last = n_tasks
+    # The last stage: stage T of a continual run, stage 1 of a joint one (mtl trains all at once).
+    last = max((i for i, _ in correct), default=n_tasks)
     sizes = {j: len(correct[(last, j)]) for j in range(n_tasks) if (last, j) in correct}
     if len(sizes) < n_tasks:
         return {"average_accuracy": None, "backward_transfer": None}

@@ -187,9 +187,22 @@ def _setup_log(store: RunStore) -> logging.Handler:
     return handler
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a run's peak-memory count afresh: `dealcl compare` runs many in one process, and
+    each run's efficiency.json should show its own peak, not the largest so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -337,6 +350,7 @@ def write_results(store: RunStore, prep: Prepared, stages: list[Stage], state: R
 def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loaded: LoadedModel | None = None) -> dict:
     """Run (or resume) a whole continual sequence; returns the results.json content."""
     prep = prepare(config, loaded)
+    reset_peak_memory(prep.device)
     ranks = launched_processes()
     # Only rank 0 writes the run directory; the others wait for it and then read it.
     store = ranks.on_main(lambda: open_run_dir(Path(output), prep))
