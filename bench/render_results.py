@@ -1,4 +1,11 @@
-"""Render docs/RESULTS.md from the comparison folders under results/ (see bench/results.sh)."""
+"""Render the measured tables of docs/RESULTS.md from the comparison folders under results/.
+
+    python bench/render_results.py results --into docs/RESULTS.md
+
+The tables go between the `<!-- generated:start -->` and `<!-- generated:end -->` markers; the
+hand-written reading around them is kept. Without --into (or without markers) it prints the
+whole page to stdout.
+"""
 from __future__ import annotations
 
 import json
@@ -33,19 +40,37 @@ def section(folder: Path) -> list[str]:
     return lines
 
 
-def main() -> int:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
-    folders = sorted(p.parent for p in root.glob("*/comparison.json"))
-    out = ["# Results", "",
-           "Measured by `bench/results.sh` on the project's 2-core CPU machine (no GPU): smollm2-135m "
+START, END = "<!-- generated:start -->", "<!-- generated:end -->"
+
+
+def generated(root: Path) -> list[str]:
+    out = ["Measured by `bench/results.sh` on the project's 2-core CPU machine (no GPU): smollm2-135m "
            "(SmolLM2-135M-Instruct), standard benchmark, 200 training and 100 test examples per task "
            "(the first ones of each file), seed 42 unless the folder says otherwise, each method's default "
            "hyperparameters (docs/METHODS.md), greedy generation and exact match. AA and BWT in points; "
            "brackets: bootstrap 95% intervals over test examples (100 per task: about ±10 points per cell).",
            "", f"Note — {YAHOO_NOTE}.", ""]
-    for folder in folders:
+    for folder in sorted(p.parent for p in root.glob("*/comparison.json")):
         out += section(folder)
-    print("\n".join(out))
+    return out
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    into = Path(args[args.index("--into") + 1]) if "--into" in args else None
+    positional = [a for i, a in enumerate(args) if a != "--into" and (i == 0 or args[i - 1] != "--into")]
+    root = Path(positional[0] if positional else "results")
+    block = [START, *generated(root), END]
+    page = into.read_text() if into is not None and into.exists() else ""
+    if START in page and END in page:
+        head, rest = page.split(START, 1)
+        page = head + "\n".join(block) + rest.split(END, 1)[1]
+    else:
+        page = "\n".join(["# Results", "", *block, ""])
+    if into is None:
+        print(page, end="")
+    else:
+        into.write_text(page)
     return 0
 
 

@@ -18,5 +18,5 @@ for seed in 1 2; do
   $PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods "$MAIN" --seed "$seed" --output "results/order1-seed$seed"
 done
 find results -type d -name adapters -prune -exec rm -rf {} +
-$PY bench/render_results.py results > docs/RESULTS.md
+$PY bench/render_results.py results --into docs/RESULTS.md
 echo "docs/RESULTS.md regenerated"
