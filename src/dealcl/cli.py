@@ -65,6 +65,10 @@ def build_parser() -> Parser:
     compare.add_argument("--methods", required=True, help="comma-separated method names")
     compare.add_argument("--orders", help="comma-separated task orders of the benchmark (default: --order or none)")
 
+    sweep = sub.add_parser("sweep", help="choose a method's learning rate on held-out training examples")
+    _add_run_flags(sweep)
+    sweep.add_argument("--lrs", default="1e-4,5e-4,1e-3", help="comma-separated learning rates (default 1e-4,5e-4,1e-3)")
+
     resume = sub.add_parser("resume", help="continue a run after its last finished stage")
     resume.add_argument("run_dir")
     resume.add_argument("--quiet", action="store_true")
@@ -196,6 +200,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .runs.config import build_config
+    from .runs.sweep import parse_rates, sweep
+
+    rates = parse_rates(args.lrs)
+    config = build_config(Path(args.config) if args.config else None, _flags(args), args.overrides)
+    output = Path(args.output) if args.output else Path("runs") / f"sweep-{config.method.replace('/', '_')}"
+    summary = sweep(config, rates, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr))
+    print((output / "sweep.md").read_text())
+    print(f"chosen lr: {summary['chosen_lr']:g}" if summary["chosen_lr"] else "no run produced a validation score")
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from .runs.driver import resume_config, run_continual
     from .runs.report import format_report, load_run
@@ -274,7 +291,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": cmd_run, "compare": cmd_compare, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
+    "run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
     "benchmarks": cmd_benchmarks, "models": cmd_models, "export": cmd_export, "data": cmd_data,
 }
 

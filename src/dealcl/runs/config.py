@@ -45,6 +45,7 @@ class RunConfig:
     prompt_style: str = "plain"  # plain | chat
     eval_batch_size: int = 16
     eval_mode: str = "generate"  # generate (exact match of greedy answers) | score (most likely label)
+    eval_split: str = "test"  # test | validation (the --val-per-task examples held out of train: tuning)
     eval_all_stages: bool = False
     reference_stage: bool = True  # evaluate the untouched model first: the zero-shot b_j
     with_rouge: bool = False
@@ -59,7 +60,7 @@ class RunConfig:
         return {k: v for k, v in data.items() if k not in self.NON_SEMANTIC}
 
 
-CHOICES = {"model_dtype": ("fp32", "bf16"), "eval_mode": ("generate", "score"), "sample": ("first", "random"), "precision": ("auto", "bf16", "fp32"), "prompt_style": ("plain", "chat")}
+CHOICES = {"model_dtype": ("fp32", "bf16"), "eval_mode": ("generate", "score"), "eval_split": ("test", "validation"), "sample": ("first", "random"), "precision": ("auto", "bf16", "fp32"), "prompt_style": ("plain", "chat")}
 POSITIVE = {"epochs", "batch_size", "grad_accum", "eval_batch_size", "max_source_length", "train_per_task", "test_per_task", "lr"}
 NON_NEGATIVE = {"val_per_task", "max_grad_norm", "seed"}
 

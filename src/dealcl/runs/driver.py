@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..data.benchmarks import resolve_sequence
-from ..data.loading import default_data_dir, load_task
+from ..data.loading import default_data_dir, load_task, load_task_with_validation
 from ..data.types import Task
 from ..errors import UserError
 from ..eval.generate import generate_answers
@@ -76,13 +76,21 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
         raise UserError(f"task_epochs names a task not in the sequence: {sorted(unknown_epoch_tasks)[0]}")
     method_class = resolve_method(config.method)
     options = method_config(method_class.config_class, config.method_options, config.method)
-    tasks = [
-        load_task(
+    if config.eval_split == "validation" and not config.val_per_task:
+        raise UserError("eval_split=validation needs held-out examples: set --val-per-task N (N > 0)")
+    tasks = []
+    for name in sequence:
+        task, validation = load_task_with_validation(
             name, data_dir, train_per_task=config.train_per_task, test_per_task=config.test_per_task,
             val_per_task=config.val_per_task, sample=config.sample, seed=config.seed,
         )
-        for name in sequence
-    ]
+        if config.eval_split == "validation":
+            # Tuning: score the held-out training examples, never the test set (upstream's dev
+            # split is the test split, so it cannot be used for choosing hyperparameters).
+            known = set(task.labels)
+            task = dataclasses.replace(task, test=validation,
+                                       unknown_test_labels=sum(1 for e in validation if e.label not in known))
+        tasks.append(task)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise UserError(f"the task sequence names a task twice: {names}")
@@ -163,7 +171,9 @@ def open_run_dir(output: Path, prep: Prepared) -> RunStore:
     store = RunStore(output)
     store.remove_temporaries()  # what a killed process left half-written
     if store.is_run():
-        old = store.read_run_yaml()["config"]
+        # Through the config parser, so that a key added since the run was made counts as its
+        # default rather than as a difference.
+        old = dataclasses.asdict(config_from_dict(store.read_run_yaml()["config"]))
         difference = _config_difference(old, dataclasses.asdict(prep.config))
         if difference:
             raise UserError(

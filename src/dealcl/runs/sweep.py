@@ -1,0 +1,59 @@
+"""Learning-rate selection on held-out training examples, never on the test set.
+
+`dealcl sweep --method M --lrs 1e-4,5e-4,1e-3 --val-per-task N …` runs the method once per
+learning rate, each as a normal resumable run (in `<output>/lr-<value>`) that is evaluated on
+the N examples per task held out of the training files (`eval_split=validation`). The chosen
+rate is the one with the highest validation AA; ties go to the smaller rate. It writes
+`sweep.json` and `sweep.md`. Upstream's dev split is its test split, hence this protocol.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .config import RunConfig, validate
+from .driver import run_continual
+from .store import atomic_write_json, atomic_write_text
+
+
+def parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--lrs must be comma-separated numbers, got {text!r}") from None
+    if not rates or any(rate <= 0 for rate in rates):
+        raise UserError(f"--lrs must list positive learning rates, got {text!r}")
+    return sorted(set(rates))
+
+
+def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool = True, say=print) -> dict[str, Any]:
+    if not base.val_per_task:
+        raise UserError("sweep selects on held-out training examples: set --val-per-task N (N > 0)")
+    configs = [validate(dataclasses.replace(base, lr=rate, eval_split="validation")) for rate in rates]
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for config in configs:
+        run_dir = output / f"lr-{config.lr:g}"
+        say(f"== {run_dir.name}")
+        results = run_continual(config, run_dir, progress=progress) or json.loads((run_dir / "results.json").read_text())
+        rows.append({"lr": config.lr, "run": run_dir.name, "validation_aa": results.get("average_accuracy"),
+                     "validation_bwt": results.get("backward_transfer")})
+    scored = [r for r in rows if r["validation_aa"] is not None]
+    best = max(scored, key=lambda r: (r["validation_aa"], -r["lr"])) if scored else None
+    summary = {"method": base.method, "model": base.model, "tasks": configs[0].tasks, "benchmark": base.benchmark,
+               "order": base.order, "train_per_task": base.train_per_task, "val_per_task": base.val_per_task,
+               "runs": rows, "chosen_lr": best and best["lr"]}
+    atomic_write_json(output / "sweep.json", summary)
+    lines = [f"# Learning-rate sweep: {base.method} on {base.model}", "",
+             f"Evaluated on {base.val_per_task} examples per task held out of the training files (not the test set).", "",
+             "| lr | validation AA | validation BWT |", "|---|---|---|"]
+    for r in rows:
+        mark = " (chosen)" if best is not None and r["lr"] == best["lr"] else ""
+        aa = "—" if r["validation_aa"] is None else f"{r['validation_aa']:.2f}"
+        bwt = "—" if r["validation_bwt"] is None else f"{r['validation_bwt']:.2f}"
+        lines.append(f"| {r['lr']:g}{mark} | {aa} | {bwt} |")
+    atomic_write_text(output / "sweep.md", "\n".join(lines) + "\n")
+    return summary

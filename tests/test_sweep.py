@@ -1,0 +1,48 @@
+"""`dealcl sweep`: learning rates chosen on examples held out of the training files."""
+from __future__ import annotations
+
+import json
+
+import dealcl.runs.driver as driver
+from dealcl.cli import main
+from dealcl.data.loading import load_task_with_validation
+
+
+def _args(data, out, *extra):
+    return ["sweep", "--tasks", "toyA,toyB", "--method", "seqlora", "--model", "tiny-llama", "--data", str(data),
+            "--output", str(out), "--precision", "fp32", "--batch-size", "4", "--train-per-task", "8",
+            "--test-per-task", "6", "--quiet", "--lrs", "1e-3,5e-3", *extra]
+
+
+def test_sweep_scores_held_out_examples_and_picks_the_best_rate(toy_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    assert main(_args(toy_data, out, "--val-per-task", "4")) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["lr"] for r in summary["runs"]] == [1e-3, 5e-3]
+    best = max(summary["runs"], key=lambda r: (r["validation_aa"], -r["lr"]))
+    assert summary["chosen_lr"] == best["lr"]
+    # Each run was scored on the 4 held-out training examples per task, not on the test set.
+    _, held_out = load_task_with_validation("toyA", toy_data, train_per_task=8, test_per_task=6, val_per_task=4)
+    predictions = json.loads((out / "lr-0.001" / "outputs" / "2-toyB" / "predictions.json").read_text())
+    assert predictions["toyA"]["labels"] == [e.label for e in held_out]
+    results = json.loads((out / "lr-0.001" / "results.json").read_text())
+    assert results["average_accuracy"] == summary["runs"][0]["validation_aa"]
+    assert "(chosen)" in (out / "sweep.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished sweep run was trained again")
+
+    monkeypatch.setattr(driver, "train_stage", no_training)
+    assert main(_args(toy_data, out, "--val-per-task", "4")) == 0
+
+
+def test_sweep_without_held_out_examples_is_one_error_line(toy_data, tmp_path, capsys):
+    assert main(_args(toy_data, tmp_path / "s")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--val-per-task" in err[0]
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_rejects_a_bad_rate_list(toy_data, tmp_path, capsys):
+    assert main(_args(toy_data, tmp_path / "s", "--val-per-task", "4", "--lrs", "1e-3,-1")) == 2
+    assert "--lrs" in capsys.readouterr().err
