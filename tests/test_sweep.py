@@ -46,3 +46,21 @@ def test_sweep_without_held_out_examples_is_one_error_line(toy_data, tmp_path, c
 def test_sweep_rejects_a_bad_rate_list(toy_data, tmp_path, capsys):
     assert main(_args(toy_data, tmp_path / "s", "--val-per-task", "4", "--lrs", "1e-3,-1")) == 2
     assert "--lrs" in capsys.readouterr().err
+
+
+def test_a_run_made_before_a_config_key_existed_still_resumes(toy_data, tmp_path, monkeypatch):
+    """run.yaml of an older dealcl lacks keys added since (eval_split here); they count as
+    their defaults, so the finished run is re-read, not refused as "a different config"."""
+    import yaml
+
+    from conftest import tiny_run_config
+    from dealcl.runs.driver import run_continual
+
+    config = tiny_run_config(toy_data, train_per_task=4, test_per_task=4)
+    run_continual(config, tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "run.yaml"
+    data = yaml.safe_load(path.read_text())
+    del data["config"]["eval_split"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setattr(driver, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    run_continual(config, tmp_path / "run", progress=False)
