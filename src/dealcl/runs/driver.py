@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..data.benchmarks import resolve_sequence
-from ..data.loading import default_data_dir, load_task, load_task_with_validation
+from ..data.loading import default_data_dir, load_task_with_validation
 from ..data.types import Task
 from ..errors import UserError
 from ..eval.generate import generate_answers
@@ -280,7 +280,8 @@ class Evaluator:
         fingerprints = json.loads((directory / "eval_fingerprints.json").read_text())
         answers = json.loads((directory / PREDICTIONS).read_text())
         results = {}
-        for name, preds in ((name, a["predictions"]) for name, a in answers.items()):
+        for name, answer in answers.items():
+            preds = answer["predictions"]
             results[name] = {
                 "exact_match": scores[f"predict_exact_match_for_{name}"],
                 "invalid_rate": scores.get(f"predict_invalid_rate_for_{name}"),

@@ -36,10 +36,6 @@ class Processes:
         """This rank's share: every world-th item, so shards differ in size by at most one."""
         return items[self.rank :: self.world]
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.state.wait_for_everyone()
-
     def on_main(self, action: Callable[[], Any]) -> Any:
         """Run `action` on rank 0 only (a write to the run directory) and keep the ranks in step.
 
