@@ -73,6 +73,8 @@ CASES = [
     ("unknown-flag", lambda t: _run_args(t, "--bogus-flag"), "--bogus-flag"),
     ("zero-test-cap", lambda t: _run_args(t, "--test-per-task", "0"), "test_per_task"),
     ("bad-precision", lambda t: _run_args(t, "--precision", "fp8"), "precision"),
+    ("validation-split-without-held-out", lambda t: _run_args(t, "eval_split=validation"), "--val-per-task"),
+    ("unknown-eval-split", lambda t: _run_args(t, "eval_split=dev"), "eval_split"),
     ("task-epochs-unknown-task", lambda t: _run_args(t, "task_epochs={MNLI: 2}"), "MNLI"),
     ("model-path-missing", lambda t: _run_args(t, "--model", str(t / "nosuchmodel")), "nosuchmodel"),
     ("model-dir-not-a-model", lambda t: (_write(t / "notamodel/readme.txt", "hi"), _run_args(t, "--model", str(t / "notamodel")))[1], "notamodel"),
