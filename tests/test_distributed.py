@@ -1,5 +1,6 @@
 """Data parallel on CPU (gloo): 2 processes give the same losses and results as 1 process
-with the same global batch, the ranks see disjoint halves, and only rank 0 writes."""
+with the same global batch, the ranks see disjoint halves, and only rank 0 writes. With the
+base weights sharded (fsdp=true) the same holds, uneven shards included."""
 from __future__ import annotations
 
 import json
@@ -9,17 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dealcl.methods import REGISTRY
 
 METHODS = [m for m in ("seqlora", "olora", "gorp", "deal") if m in REGISTRY]
 
 
-def _run(data: Path, out: Path, method: str, processes: int, shard_log: Path) -> subprocess.CompletedProcess:
+def _run(data: Path, out: Path, method: str, processes: int, shard_log: Path, *extra: str) -> subprocess.CompletedProcess:
     option = ["method.dropout=0.0"] if "dropout" in {f.name for f in REGISTRY[method].options()} else []
     args = ["run", "--tasks", "toyA,toyB", "--model", "tiny-llama", "--data", str(data), "--output", str(out),
             "--method", method, "--precision", "fp32", "--batch-size", "4", "--grad-accum", "2", "--lr", "5e-3",
-            "--train-per-task", "16", "--test-per-task", "7", "--quiet", "--num-processes", str(processes), *option]
+            "--train-per-task", "16", "--test-per-task", "7", "--quiet", "--num-processes", str(processes)]
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    args += [a for a in extra if a not in overrides] + option + overrides  # key=value overrides last
     env = {**os.environ, "DEALCL_SHARD_LOG": str(shard_log), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "dealcl", *args], env=env, capture_output=True, text=True, timeout=600)
 
@@ -63,13 +67,50 @@ def test_only_rank_zero_writes(toy_data, tmp_path):
     assert log_two.count("stage 1 toyA done") == 1
 
 
+FSDP_METHODS = [m for m in ("seqlora", "olora", "deal") if m in REGISTRY]
+
+
+@pytest.mark.parametrize("method", FSDP_METHODS)
+def test_sharded_base_weights_equal_one_process(toy_data, tmp_path, method):
+    """fsdp=true on 2 ranks vs 1 process. 17 examples at a global batch of 8 (micro-batches of
+    2) leave a last step of one example, so rank 1 has no micro-batch and must run a filler;
+    7 test examples give shards of 4 and 3, so evaluation pads. A rank that ran one forward
+    fewer would hang the other in FSDP's all-gather (the subprocess timeout would fail this)."""
+    shape = ["--batch-size", "2", "--grad-accum", "4", "--train-per-task", "17"]
+    one = _run(toy_data, tmp_path / "one", method, 1, tmp_path / "shards-one", *shape)
+    assert one.returncode == 0, one.stderr[-6000:]
+    two = _run(toy_data, tmp_path / "two", method, 2, tmp_path / "shards-two", *shape, "fsdp=true")
+    assert two.returncode == 0, two.stderr[-6000:]
+
+    assert yaml.safe_load((tmp_path / "two" / "run.yaml").read_text())["effective"]["fsdp"] is True
+    stages = [json.loads((tmp_path / name / "efficiency.json").read_text())["stages"] for name in ("one", "two")]
+    for a, b in zip(*stages):
+        assert len(a["step_losses"]) == len(b["step_losses"]) == 3
+        assert b["step_losses"] == pytest.approx(a["step_losses"], abs=1e-5)
+    rank1 = (tmp_path / "shards-two.1").read_text().splitlines()
+    assert any(len(line.split()) == 1 for line in rank1), "no step left rank 1 without examples"
+    for stage in ("1-toyA", "2-toyB"):
+        answers = [json.loads((tmp_path / name / "outputs" / stage / "predictions.json").read_text())
+                   for name in ("one", "two")]
+        assert answers[0] == answers[1]
+        assert all(len(a["predictions"]) == 7 for a in answers[1].values())
+
+
+def test_a_method_that_trains_base_weights_is_refused_under_fsdp(toy_data, tmp_path):
+    done = _run(toy_data, tmp_path / "x", "gorp", 2, tmp_path / "shards", "fsdp=true")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: method gorp cannot run with fsdp"), done.stderr[-3000:]
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_unsupported_backend_is_one_error_line(toy_data, tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"}
     done = subprocess.run([sys.executable, "-m", "dealcl", "run", "--tasks", "toyA", "--model", "tiny-llama",
                            "--data", str(toy_data), "--output", str(tmp_path / "x"), "--quiet"],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip().startswith("error: FSDP is not supported") and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.strip().startswith("error: DeepSpeed ZeRO is not supported") and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
 

@@ -8,6 +8,7 @@ the longest label's token count plus 3 tokens.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
 import torch
@@ -54,7 +55,18 @@ def _common_prefix(prompts: list[list[int]]) -> list[int]:
     return first[:n] if n >= MIN_SHARED_PREFIX else []
 
 
-@torch.inference_mode()
+def evaluation_mode(fn):
+    """Run `fn` under inference mode, or under no_grad when called with synced=True: FSDP
+    allocates its all-gather buffers in the first forward and reuses them later, which
+    inference tensors forbid outside inference mode."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.no_grad() if kwargs.get("synced") else torch.inference_mode():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@evaluation_mode
 def generate_answers(
     model: torch.nn.Module,
     encoder: PromptEncoder,
@@ -67,12 +79,15 @@ def generate_answers(
     autocast,
     progress: bool = True,
     share_prefix: bool = True,
+    synced: bool = False,
 ) -> tuple[list[str], float]:
     """Greedy answers for `sentences`, in input order, and the seconds it took.
 
     Decoder-only prompts of one task begin with the same tokens (task, dataset, instruction,
     options): with `share_prefix` that common prefix is computed once, and every batch starts
-    from a copy of its key/value cache."""
+    from a copy of its key/value cache. `synced` is for a model sharded over ranks (FSDP), whose
+    every forward is a collective: each rank must pass the same number of sentences, and a rank
+    whose batch has finished keeps stepping until all have (transformers' `synced_gpus`)."""
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -88,7 +103,8 @@ def generate_answers(
         decoder_start_token_id=getattr(getattr(model, "config", None), "decoder_start_token_id", None),
     )
     answers: list[str] = [""] * len(prompts)
-    prefix = _common_prefix(prompts) if share_prefix and arch == "causal" else []
+    # Ranks' prefixes may differ in length, not in number of forwards: only safe unsynced.
+    prefix = _common_prefix(prompts) if share_prefix and arch == "causal" and not synced else []
     prefix_cache = None
     if prefix:
         with autocast():
@@ -112,7 +128,7 @@ def generate_answers(
         with autocast():
             output = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
-                **extra,
+                synced_gpus=synced, **extra,
             )
         new_tokens = output[:, input_ids.shape[1] :] if arch == "causal" else output
         texts = tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)

@@ -22,7 +22,7 @@ from ..data.types import Task
 from ..faults import fault_point
 from ..train.batching import PromptEncoder
 from ..train.loop import unwrap
-from .generate import _left_pad, _right_pad
+from .generate import _left_pad, _right_pad, evaluation_mode
 
 
 def _causal_scores(model, ids, mask, labels, label_mask) -> torch.Tensor:
@@ -59,7 +59,7 @@ def _seq2seq_scores(model, ids, mask, labels, label_mask) -> torch.Tensor:
     return (picked * (targets != -100)).sum(-1).view(batch, n_labels)
 
 
-@torch.inference_mode()
+@evaluation_mode
 def label_scores(
     model: torch.nn.Module,
     encoder: PromptEncoder,
@@ -71,6 +71,7 @@ def label_scores(
     device: torch.device,
     autocast,
     progress: bool = True,
+    synced: bool = False,  # a sharded model (FSDP): see evaluation_mode
 ) -> torch.Tensor:
     """[sentences, labels] summed log-probabilities of each label's answer + EOS, input order."""
     was_training = model.training

@@ -83,6 +83,9 @@ class ContinualMethod:
     # or None with `export_refusal` saying why it cannot be done.
     export_as: ClassVar[str | None] = None
     export_refusal: ClassVar[str] = "its final model is not a plain (or mergeable) LoRA model"
+    # Why the method cannot run with the base weights sharded (fsdp=true), or None when it can:
+    # FSDP shards only frozen base weights, so a method that trains or reads them cannot.
+    fsdp_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig, services: "TrainingServices") -> None:
         self.config = config

@@ -155,6 +155,8 @@ class Gorp(ContinualMethod):
     paper = "Wang, Lyu, Sun, Jing, Continual Gradient Low-Rank Projection Fine-Tuning for LLMs, ACL 2025"
     config_class = GorpConfig
     export_as = "merged"  # full-rank weights changed: merge the summed adapters into them
+    fsdp_refusal = ("it trains the full-rank target weights, and GaLore's SVD needs each target's whole "
+                    "gradient on one rank")
     # LoRA lr (groups L and R). Upstream: 1e-3 (T5-large), 2e-4 (LLaMA-2-7B). We take seqlora's
     # 5e-4, calibrated on smollm2-135m with the same LoRA shape (r 8, α 32).
     default_lr = 5e-4

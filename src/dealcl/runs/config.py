@@ -42,6 +42,7 @@ class RunConfig:
     max_source_length: int = 512
     precision: str = "auto"  # auto | bf16 | fp32 (autocast for compute)
     model_dtype: str = "fp32"  # fp32 | bf16: how the frozen base weights are stored (adapters stay fp32)
+    fsdp: bool = False  # several processes: shard the frozen block weights over the ranks (FSDP2)
     prompt_style: str = "plain"  # plain | chat
     eval_batch_size: int = 16
     eval_mode: str = "generate"  # generate (exact match of greedy answers) | score (most likely label)
@@ -53,7 +54,7 @@ class RunConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
 
     # Keys that do not change what is computed: a run may be resumed with other values.
-    NON_SEMANTIC: typing.ClassVar[frozenset[str]] = frozenset({"eval_batch_size"})
+    NON_SEMANTIC: typing.ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "fsdp"})
 
     def identity(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -36,7 +36,7 @@ from ..models.loading import LoadedModel, load_model
 from ..train.batching import PromptEncoder
 from ..train.loop import TrainingServices, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage
 from .config import RunConfig, config_from_dict, method_config
-from ..train.distributed import launched_processes
+from ..train.distributed import fsdp_requested, launched_processes
 from .store import RunStore, atomic_write_json, atomic_write_text, dumps_json, sha256_file, verify_stage_dir, write_stage_dir
 
 log = logging.getLogger("dealcl")
@@ -97,7 +97,13 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
     if loaded is None:
         dtype = torch.bfloat16 if config.model_dtype == "bf16" else torch.float32
         loaded = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=dtype)
-    device = launched_processes().device
+    ranks = launched_processes()
+    device = ranks.device
+    if (config.fsdp or fsdp_requested()) and ranks.world > 1:
+        if method_class.fsdp_refusal:
+            raise UserError(f"method {config.method} cannot run with fsdp: {method_class.fsdp_refusal} "
+                            "(docs/SCALING.md has the method x backend matrix)")
+        ranks.shard_blocks(loaded.model)  # moves only this rank's shard of each block to the device
     loaded.model.to(device)
     precision = resolve_precision(config.precision, device)
     return Prepared(config, data_dir, tasks, method_class, options, config.lr or method_class.default_lr, loaded, device, precision)
@@ -141,6 +147,7 @@ def run_yaml(prep: Prepared) -> dict[str, Any]:
             # The global batch is batch_size x grad_accum whatever the number of processes:
             # each rank computes 1/world of every step (train/distributed.py).
             "world_size": launched_processes().world,
+            "fsdp": launched_processes().sharded,
             "global_batch": config.batch_size * config.grad_accum,
         },
         "provenance": {
@@ -235,14 +242,17 @@ class Evaluator:
         ranks = self.services.processes
         mine = ranks.shard(list(range(len(task.test))))
         sentences = [task.test[i].sentence for i in mine]
+        # Sharded weights: every rank runs the same forwards, so shards are padded to one size.
+        sentences += [task.test[0].sentence] * (ranks.lockstep_count(len(sentences)) - len(sentences))
         context = method.eval_model(model, task) if method is not None else contextlib.nullcontext(model)
         answer = score_answers if self.prep.config.eval_mode == "score" else generate_answers
         with context as eval_model:
             answers, seconds = answer(
                 eval_model, self.encoder, task, sentences, arch=self.prep.loaded.arch,
                 batch_size=self.prep.config.eval_batch_size, device=self.prep.device,
-                autocast=self.services.autocast, progress=self.progress,
+                autocast=self.services.autocast, progress=self.progress, synced=ranks.sharded,
             )
+        answers = answers[: len(mine)]
         if ranks.world > 1:
             answers = [a for _, a in sorted(ranks.gather(list(zip(mine, answers))))]
         if key is not None:

@@ -171,7 +171,8 @@ def bf16_fast_paths(model: torch.nn.Module, precision: str):
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if (type(module) is not torch.nn.Linear or "lora_" in name or weight is None or weight.requires_grad
-                or weight.dtype != torch.float32 or id(weight) in tied or weight.device.type != "cpu"):
+                or weight.dtype != torch.float32 or id(weight) in tied or weight.device.type != "cpu"
+                or type(weight) is not torch.nn.Parameter):  # FSDP's sharded weights are its own
             continue
         kept.append((weight, weight.data))
         weight.data = weight.data.to(torch.bfloat16)
@@ -287,11 +288,19 @@ def _train_stage(model, method, stage, items, settings, services, progress) -> d
             computed_tokens += sum(b["input_ids"].numel() + b.get("labels", b["input_ids"][:, :0]).numel()
                                    for b in micro_batches)
             answer_tokens += step_targets
+            # With sharded base weights every forward is a collective: a rank with fewer
+            # micro-batches runs fillers (a copy of one of the step's examples) that count zero.
+            real = len(micro_batches)
+            fillers = ranks.lockstep_count(real) - real
+            if fillers:
+                micro_batches += [services.to_device(collate_train(
+                    [encoded[step_indices[0]]], services.arch, services.encoder.pad_id))] * fillers
             terms_this_step: dict[str, float] = {"task": 0.0}
-            for batch in micro_batches:
-                share = num_targets(batch) / step_targets
+            for k, batch in enumerate(micro_batches):
+                weight = 1.0 if k < real else 0.0
+                share = weight * num_targets(batch) / step_targets
                 loss_sum, logits = services.task_loss_sum(model, batch)
-                task_loss = loss_sum / step_targets
+                task_loss = loss_sum * (weight / step_targets)
                 extras = method.extra_losses(model, batch, logits)
                 loss = task_loss + sum((term * share for term in extras.values()), torch.zeros((), device=task_loss.device))
                 loss.backward()
