@@ -64,3 +64,36 @@ def test_a_run_made_before_a_config_key_existed_still_resumes(toy_data, tmp_path
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     monkeypatch.setattr(driver, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     run_continual(config, tmp_path / "run", progress=False)
+
+
+def test_a_swept_rate_is_the_default_for_its_model_only(monkeypatch):
+    from dealcl.methods import REGISTRY
+
+    seqlora, mtl = REGISTRY["seqlora"], REGISTRY["mtl"]
+    monkeypatch.setattr(seqlora, "tuned_lrs", {"tiny-llama": 2e-3})
+    assert seqlora.lr_for("tiny-llama") == 2e-3
+    assert seqlora.lr_for("tiny-t5") == seqlora.default_lr
+    assert issubclass(mtl, seqlora) and mtl.lr_for("tiny-llama") == mtl.default_lr  # swept on its own
+
+
+def test_a_changed_default_rate_does_not_pass_for_the_old_run(toy_data, tmp_path, monkeypatch, capsys):
+    """A run made with the old default: re-running with the new default is refused (its
+    numbers were made at another rate), `--lr <old rate>` and `dealcl resume` accept it."""
+    import yaml
+
+    from dealcl.methods import REGISTRY
+
+    base = ["run", "--tasks", "toyA", "--method", "seqlora", "--model", "tiny-llama", "--data", str(toy_data),
+            "--precision", "fp32", "--train-per-task", "4", "--test-per-task", "4", "--quiet"]
+    out = tmp_path / "run"
+    monkeypatch.setattr(REGISTRY["seqlora"], "tuned_lrs", {"tiny-llama": 1e-3})
+    assert main([*base, "--output", str(out)]) == 0
+    assert yaml.safe_load((out / "run.yaml").read_text())["effective"]["lr"] == 1e-3
+    monkeypatch.setattr(REGISTRY["seqlora"], "tuned_lrs", {"tiny-llama": 2e-3})
+    capsys.readouterr()
+    assert main([*base, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lr: 0.001 → 0.002" in err[0]
+    monkeypatch.setattr(driver, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert main([*base, "--output", str(out), "--lr", "1e-3"]) == 0
+    assert main(["resume", str(out), "--quiet"]) == 0

@@ -108,7 +108,10 @@ def generate_answers(
     prefix_cache = None
     if prefix:
         with autocast():
-            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+            prefix_output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+        # transformers renamed `past_key_values` to `cache` (outputs and generate) during 5.x.
+        cache_key = "cache" if "cache" in prefix_output else "past_key_values"
+        prefix_cache = prefix_output[cache_key]
     bar = tqdm(total=len(prompts), desc=f"eval {task.name}", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -122,7 +125,7 @@ def generate_answers(
             attention_mask = torch.cat([torch.ones(len(rows), len(prefix), dtype=torch.long), suffix_mask], dim=1)
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(rows))
-            extra["past_key_values"] = cache
+            extra[cache_key] = cache
         else:
             input_ids, attention_mask = pad(rows, encoder.pad_id)
         with autocast():

@@ -74,6 +74,9 @@ class ContinualMethod:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # Training defaults this method was calibrated with on the embedded model (docs/METHODS.md).
     default_lr: ClassVar[float] = 5e-4
+    # Learning rates chosen by `dealcl sweep` per model (short name), read through `lr_for`.
+    # They are this class's own: a subclass (MTL of SeqLoRA) is swept on its own.
+    tuned_lrs: ClassVar[dict[str, float]] = {}
     # False for methods whose model never changes: the driver then skips training altogether.
     trains: ClassVar[bool] = True
     # True when the run is one joint stage (MTL): results report AA only.
@@ -86,6 +89,11 @@ class ContinualMethod:
     # Why the method cannot run with the base weights sharded (fsdp=true), or None when it can:
     # FSDP shards only frozen base weights, so a method that trains or reads them cannot.
     fsdp_refusal: ClassVar[str | None] = None
+
+    @classmethod
+    def lr_for(cls, model: str) -> float:
+        """The default learning rate for `model`: its swept value, else the calibrated one."""
+        return cls.__dict__.get("tuned_lrs", {}).get(model, cls.default_lr)
 
     def __init__(self, config: MethodConfig, services: "TrainingServices") -> None:
         self.config = config

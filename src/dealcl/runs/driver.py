@@ -106,7 +106,7 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
         ranks.shard_blocks(loaded.model)  # moves only this rank's shard of each block to the device
     loaded.model.to(device)
     precision = resolve_precision(config.precision, device)
-    return Prepared(config, data_dir, tasks, method_class, options, config.lr or method_class.default_lr, loaded, device, precision)
+    return Prepared(config, data_dir, tasks, method_class, options, config.lr or method_class.lr_for(config.model), loaded, device, precision)
 
 
 def _git_commit() -> str | None:
@@ -180,8 +180,13 @@ def open_run_dir(output: Path, prep: Prepared) -> RunStore:
     if store.is_run():
         # Through the config parser, so that a key added since the run was made counts as its
         # default rather than as a difference.
-        old = dataclasses.asdict(config_from_dict(store.read_run_yaml()["config"]))
-        difference = _config_difference(old, dataclasses.asdict(prep.config))
+        recorded = store.read_run_yaml()
+        old = dataclasses.asdict(config_from_dict(recorded["config"]))
+        new = dataclasses.asdict(prep.config)
+        # The rate actually used, not the flag: a method's default may have changed since
+        # (a sweep), and `--lr` equal to the rate the run used is no difference.
+        old["lr"], new["lr"] = recorded.get("effective", {}).get("lr", old["lr"]), prep.lr
+        difference = _config_difference(old, new)
         if difference:
             raise UserError(
                 f"output directory {output} holds a run with a different config ({difference}); "
@@ -513,4 +518,8 @@ def resume_config(run_dir: Path) -> RunConfig:
     store = RunStore(run_dir)
     if not store.is_run():
         raise UserError(f"{run_dir} is not a dealcl run directory (no run.yaml)")
-    return config_from_dict(store.read_run_yaml()["config"])
+    recorded = store.read_run_yaml()
+    config = config_from_dict(recorded["config"])
+    # Continue with the rate the run was started with, even if the method's default changed.
+    lr = recorded.get("effective", {}).get("lr")
+    return dataclasses.replace(config, lr=config.lr or lr)
