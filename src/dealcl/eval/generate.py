@@ -131,7 +131,7 @@ def generate_answers(
         with autocast():
             output = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
-                synced_gpus=synced, **extra,
+                **extra, **({"synced_gpus": True} if synced else {}),
             )
         new_tokens = output[:, input_ids.shape[1] :] if arch == "causal" else output
         texts = tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
