@@ -50,6 +50,20 @@ def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, 
     assert [(r["aa_interval"], r["bwt_interval"]) for r in again] == intervals
 
 
+def test_one_order_plots_bootstrap_intervals_as_error_bars(toy_data, tmp_path, monkeypatch):
+    """One run per method has no spread over orders: the bars show its sampling error."""
+    import dealcl.runs.plots as plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "metric_bars", lambda names, aa, bwt, path, title, aa_err, bwt_err:
+                        drawn.update(names=names, aa=aa, aa_err=aa_err, title=title))
+    assert main(_args(toy_data, tmp_path / "cmp", methods="seqlora")) == 0
+    row = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"][0]
+    low, high = row["aa_interval"]
+    assert drawn["aa_err"] == [[pytest.approx(drawn["aa"][0] - low)], [pytest.approx(high - drawn["aa"][0])]]
+    assert "bootstrap" in drawn["title"]
+
+
 def test_bootstrap_interval_contains_the_point_estimate(toy_data, tmp_path):
     from dealcl.runs.compare import summarize_run
 

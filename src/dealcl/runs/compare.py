@@ -135,6 +135,20 @@ def markdown(comparison: dict[str, Any], base: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _interval_bars(comparison: dict[str, Any], names: list[str], key: str) -> list[list[float]]:
+    """Asymmetric error bars [below, above] from each method's single run's bootstrap interval."""
+    runs = {row["run"]: row for row in comparison["runs"]}
+    below, above = [], []
+    for name in names:
+        row = runs[comparison["methods"][name]["runs"][0]]
+        value = row["average_accuracy" if key == "aa" else "backward_transfer"]
+        interval = row[f"{key}_interval"]
+        ok = value is not None and interval is not None
+        below.append(value - interval[0] if ok else 0.0)
+        above.append(interval[1] - value if ok else 0.0)
+    return [below, above]
+
+
 def compare(base: RunConfig, methods: list[str], orders: list[int | None], output: Path, *, progress: bool = True,
             say=print) -> dict[str, Any]:
     from . import plots
@@ -154,10 +168,14 @@ def compare(base: RunConfig, methods: list[str], orders: list[int | None], outpu
     names = list(comparison["methods"])
     aa = [comparison["methods"][m]["aa_mean"] for m in names]
     bwt = [comparison["methods"][m]["bwt_mean"] for m in names]
-    plots.metric_bars(names, aa, bwt, output / "aa_bwt.png",
-                      f"AA and BWT per method on {base.model} (mean over {len(orders)} order(s); bars: sd)",
-                      aa_err=[comparison["methods"][m]["aa_spread"] or 0 for m in names],
-                      bwt_err=[comparison["methods"][m]["bwt_spread"] or 0 for m in names])
+    if len(orders) == 1:  # one run per method: no spread over orders, but sampling error
+        what = "one order; bars: bootstrap 95% interval"
+        aa_err, bwt_err = (_interval_bars(comparison, names, key) for key in ("aa", "bwt"))
+    else:
+        what = f"mean over {len(orders)} orders; bars: sd"
+        aa_err, bwt_err = ([comparison["methods"][m][f"{key}_spread"] or 0 for m in names] for key in ("aa", "bwt"))
+    plots.metric_bars(names, aa, bwt, output / "aa_bwt.png", f"AA and BWT per method on {base.model} ({what})",
+                      aa_err=aa_err, bwt_err=bwt_err)
     atomic_write_json(output / "comparison.json", comparison)
     atomic_write_text(output / "comparison.md", markdown(comparison, base))
     return comparison
