@@ -300,7 +300,7 @@ def _train_stage(model, method, stage, items, settings, services, progress) -> d
                 weight = 1.0 if k < real else 0.0
                 share = weight * num_targets(batch) / step_targets
                 loss_sum, logits = services.task_loss_sum(model, batch)
-                task_loss = loss_sum * (weight / step_targets)
+                task_loss = loss_sum / step_targets if weight else loss_sum * 0.0
                 extras = method.extra_losses(model, batch, logits)
                 loss = task_loss + sum((term * share for term in extras.values()), torch.zeros((), device=task_loss.device))
                 loss.backward()
