@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 YAHOO_NOTE = ("yahoo: the shared CL_Benchmark copy has a small yahoo split (see ../shared/CL_Benchmark/"
               "PROVENANCE.md), so every figure that includes yahoo carries more sampling noise")
 
@@ -28,16 +30,37 @@ def section(folder: Path) -> list[str]:
     comparison = json.loads((folder / "comparison.json").read_text())
     runs = comparison["runs"]
     lines = [f"### {folder.name}", "",
-             "| run | method | AA [95% CI] | BWT [95% CI] | invalid % (last stage) | train ex/s | peak MB | trainable | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | method | lr | AA [95% CI] | BWT [95% CI] | invalid % (last stage) | train ex/s | peak MB | trainable | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["run"].split("-")[0], -(r["average_accuracy"] or 0))):
+        lr = yaml.safe_load((folder / r["run"] / "run.yaml").read_text())["effective"]["lr"]
+        lr = f"{lr:g}" if r["trainable_parameters"] else "—"  # zero-shot trains nothing
         lines.append(
-            f"| {r['run']} | {r['method']} | {_fmt(r['average_accuracy'])}{_interval(r['aa_interval'])} | "
+            f"| {r['run']} | {r['method']} | {lr} | {_fmt(r['average_accuracy'])}{_interval(r['aa_interval'])} | "
             f"{_fmt(r['backward_transfer'])}{_interval(r['bwt_interval'])} | {_fmt(r['final_invalid_rate'])} | "
             f"{_fmt(r['train_samples_per_second'], 2)} | {_fmt(r['peak_memory_mb'], 0)} | {r['trainable_parameters']} | "
             f"{_fmt(r['wall_seconds'], 0)} |")
     lines += ["", f"![AA and BWT]({Path('..') / folder / 'aa_bwt.png'})", ""]
     return lines
+
+
+def sweep_section(root: Path) -> list[str]:
+    """One table of every learning-rate sweep under root/sweep: validation AA per rate."""
+    sweeps = [json.loads(p.read_text()) for p in sorted(root.glob("sweep/*/sweep.json"))]
+    if not sweeps:
+        return []
+    first = sweeps[0]
+    lines = ["### Learning-rate sweep", "",
+             f"`dealcl sweep --tasks {','.join(first['tasks'])} --train-per-task {first['train_per_task']} "
+             f"--val-per-task {first['val_per_task']} --lrs 1e-4,5e-4,1e-3`: each rate trains the first two tasks "
+             "of order 1 and is scored on examples held out of the training files (never the test set). "
+             "Validation AA (BWT) per rate; the chosen rate is each method's default for smollm2-135m.", "",
+             "| method | " + " | ".join(f"lr {r['lr']:g}" for r in first["runs"]) + " | chosen |",
+             "|---|" + "---|" * (len(first["runs"]) + 1)]
+    for sweep in sweeps:
+        cells = [f"{_fmt(r['validation_aa'])} ({_fmt(r['validation_bwt'])})" for r in sweep["runs"]]
+        lines.append(f"| {sweep['method']} | " + " | ".join(cells) + f" | {sweep['chosen_lr']:g} |")
+    return lines + [""]
 
 
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
@@ -47,12 +70,13 @@ def generated(root: Path) -> list[str]:
     out = ["Measured by `bench/results.sh` on the project's 2-core CPU machine (no GPU): smollm2-135m "
            "(SmolLM2-135M-Instruct), standard benchmark, 200 training and 100 test examples per task "
            "(the first ones of each file), seed 42 unless the folder says otherwise, each method's default "
-           "hyperparameters (docs/METHODS.md), greedy generation and exact match. AA and BWT in points; "
+           "hyperparameters (docs/METHODS.md) with the learning rate in the lr column (swept ones from the "
+           "table at the end), greedy generation and exact match. AA and BWT in points; "
            "brackets: bootstrap 95% intervals over test examples (100 per task: about ±10 points per cell).",
            "", f"Note — {YAHOO_NOTE}.", ""]
     for folder in sorted(p.parent for p in root.glob("*/comparison.json")):
         out += section(folder)
-    return out
+    return out + sweep_section(root)
 
 
 def main() -> int:
