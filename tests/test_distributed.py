@@ -17,14 +17,15 @@ from dealcl.methods import REGISTRY
 METHODS = [m for m in ("seqlora", "olora", "gorp", "deal") if m in REGISTRY]
 
 
-def _run(data: Path, out: Path, method: str, processes: int, shard_log: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(data: Path, out: Path, method: str, processes: int, shard_log: Path, *extra: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     option = ["method.dropout=0.0"] if "dropout" in {f.name for f in REGISTRY[method].options()} else []
     args = ["run", "--tasks", "toyA,toyB", "--model", "tiny-llama", "--data", str(data), "--output", str(out),
             "--method", method, "--precision", "fp32", "--batch-size", "4", "--grad-accum", "2", "--lr", "5e-3",
             "--train-per-task", "16", "--test-per-task", "7", "--quiet", "--num-processes", str(processes)]
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]
     args += [a for a in extra if a not in overrides] + option + overrides  # key=value overrides last
-    env = {**os.environ, "DEALCL_SHARD_LOG": str(shard_log), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DEALCL_SHARD_LOG": str(shard_log), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dealcl", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -94,6 +95,28 @@ def test_sharded_base_weights_equal_one_process(toy_data, tmp_path, method):
                    for name in ("one", "two")]
         assert answers[0] == answers[1]
         assert all(len(a["predictions"]) == 7 for a in answers[1].values())
+
+
+def test_a_killed_sharded_run_resumes_to_the_same_results(toy_data, tmp_path):
+    """Both ranks killed in the middle of task 2 (SIGKILL at its first step); `dealcl resume
+    --num-processes 2` retrains task 2 from the task-1 checkpoint and ends where an
+    uninterrupted 1-process run ends."""
+    shape = ["--batch-size", "2", "--grad-accum", "4", "--train-per-task", "17"]
+    one = _run(toy_data, tmp_path / "one", "seqlora", 1, tmp_path / "s1", *shape)
+    assert one.returncode == 0, one.stderr[-6000:]
+    killed = _run(toy_data, tmp_path / "two", "seqlora", 2, tmp_path / "s2", *shape, "fsdp=true",
+                  env={"DEALCL_FAULT": "train-step:4"})
+    assert killed.returncode != 0 and not (tmp_path / "two" / "outputs" / "2-toyB").exists()
+    resumed = subprocess.run([sys.executable, "-m", "dealcl", "resume", str(tmp_path / "two"), "--num-processes", "2",
+                              "--quiet"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    stages = [json.loads((tmp_path / n / "efficiency.json").read_text())["stages"] for n in ("one", "two")]
+    assert [s["world_size"] for s in stages[1]] == [2, 2]
+    for a, b in zip(*stages):
+        assert b["step_losses"] == pytest.approx(a["step_losses"], abs=1e-5)
+    answers = [json.loads((tmp_path / n / "outputs" / "2-toyB" / "predictions.json").read_text()) for n in ("one", "two")]
+    assert answers[0] == answers[1]
 
 
 def test_a_method_that_trains_base_weights_is_refused_under_fsdp(toy_data, tmp_path):

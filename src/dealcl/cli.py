@@ -72,6 +72,8 @@ def build_parser() -> Parser:
     resume = sub.add_parser("resume", help="continue a run after its last finished stage")
     resume.add_argument("run_dir")
     resume.add_argument("--quiet", action="store_true")
+    resume.add_argument("--num-processes", dest="num_processes", type=int, default=1,
+                        help="data-parallel processes on this machine (as for `run`)")
 
     report = sub.add_parser("report", help="accuracy matrix, AA and BWT of one or several runs")
     report.add_argument("run_dirs", nargs="+")
@@ -217,10 +219,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from .runs.driver import resume_config, run_continual
     from .runs.report import format_report, load_run
 
+    from .train.distributed import launched_processes
+
     run_dir = Path(args.run_dir)
     config = resume_config(run_dir)
+    if args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args.argv, args.num_processes)
     run_continual(config, run_dir, progress=not args.quiet)
-    print(format_report([load_run(run_dir)]))
+    ranks = launched_processes()
+    if ranks.is_main:
+        print(format_report([load_run(run_dir)]))
+    ranks.close()
     return 0
 
 
