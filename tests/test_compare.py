@@ -76,3 +76,33 @@ def test_bootstrap_interval_contains_the_point_estimate(toy_data, tmp_path):
 def test_compare_refuses_method_options(toy_data, tmp_path, capsys):
     assert main(_args(toy_data, tmp_path / "cmp") + ["method.rank=4"]) == 2
     assert "method.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_sibling_runs_identical_stage_zero_is_reused(toy_data, tmp_path, monkeypatch, capsys):
+    """The second method of a comparison takes the untouched model's answers from the first
+    run's stage 0 (same model, prompts and evaluation settings) instead of generating them;
+    a run whose evaluation batches differ does not."""
+    import dealcl.runs.driver as driver
+
+    calls = []
+    real = driver.generate_answers
+
+    def counting(model, encoder, task, sentences, **kwargs):
+        calls.append(task.name)
+        return real(model, encoder, task, sentences, **kwargs)
+
+    monkeypatch.setattr(driver, "generate_answers", counting)
+    out = tmp_path / "cmp"
+    assert main(_args(toy_data, out, methods="seqlora")) == 0
+    first = len(calls)
+    assert main(_args(toy_data, out, methods="seqlora,inclora")) == 0
+    # inclora: no stage-0 generation, only its two stages (toyA; toyA and toyB)
+    assert len(calls) - first == 3
+    references = [json.loads((out / run / "outputs" / "0-reference" / "predictions.json").read_text())
+                  for run in ("custom-seqlora", "custom-inclora")]
+    assert references[0] == references[1]
+    assert "answered by a sibling run" in capsys.readouterr().err
+
+    calls.clear()
+    assert main(_args(toy_data, out, methods="olora") + ["eval_batch_size=3"]) == 0
+    assert calls[:2] == ["toyA", "toyB"]  # its own stage 0

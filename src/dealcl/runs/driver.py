@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -43,6 +45,7 @@ log = logging.getLogger("dealcl")
 REFERENCE = "reference"
 PREDICTIONS = "predictions.json"  # answers and labels per task, no sentences
 UPSTREAM_PREDICTIONS = "predict_eval_predictions.jsonl"  # upstream layout, quotes the test sentences
+REFERENCE_KEYS = "reference_keys.json"  # per task: what the untouched model's answers depend on
 
 
 def say(message: str) -> None:
@@ -264,8 +267,11 @@ class Evaluator:
             self.cache[key] = answers
         return answers, seconds
 
-    def write_stage(self, directory: Path, results: dict[str, dict], fingerprints: dict[str, str | None]) -> None:
+    def write_stage(self, directory: Path, results: dict[str, dict], fingerprints: dict[str, str | None],
+                    reference_keys: dict[str, str] | None = None) -> None:
         def fill(tmp: Path) -> None:
+            if reference_keys is not None:
+                atomic_write_json(tmp / REFERENCE_KEYS, reference_keys)
             atomic_write_json(tmp / "predict_results.json", predict_results(self.prep.tasks, results))
             lines = []
             for task in self.prep.tasks:
@@ -287,10 +293,44 @@ class Evaluator:
 
         write_stage_dir(directory, fill)
 
+    def reference_keys(self) -> dict[str, str]:
+        """Per task, a digest of everything the untouched model's answers depend on: model,
+        precision, evaluation settings, world size (it changes the batches) and every test
+        prompt and label. Equal keys mean equal answers (greedy decoding is deterministic)."""
+        config, loaded = self.prep.config, self.prep.loaded
+        common = json.dumps([loaded.source, loaded.arch, config.model_dtype, self.prep.precision, config.eval_mode,
+                             config.eval_batch_size, self.services.processes.world, torch.__version__])
+        keys = {}
+        for task in self.prep.tasks:
+            digest = hashlib.sha256(common.encode())
+            digest.update(json.dumps(task.labels).encode())
+            for example in task.test:
+                digest.update(json.dumps([self.encoder.prompt_ids(task, example.sentence), example.label]).encode())
+            keys[task.name] = digest.hexdigest()
+        return keys
+
+    def borrow_reference(self, siblings: Path, keys: dict[str, str], own: Path) -> list[str]:
+        """Take the untouched model's answers from the finished stage 0 of runs next to this
+        one (the other methods and orders of a `dealcl compare`) wherever a task's key matches;
+        returns the tasks found. Saves a whole evaluation per run: an untuned model often
+        talks until the token limit."""
+        found: list[str] = []
+        for directory in sorted(siblings.iterdir()) if siblings.is_dir() else []:
+            reference = RunStore(directory).output_dir(0, REFERENCE) if (directory / "outputs").is_dir() else None
+            if reference is None or reference == own or not (reference / REFERENCE_KEYS).is_file():
+                continue
+            if verify_stage_dir(reference, optional=(UPSTREAM_PREDICTIONS,)) is not None:
+                continue
+            theirs = json.loads((reference / REFERENCE_KEYS).read_text())
+            answers = json.loads((reference / PREDICTIONS).read_text())
+            for name, key in keys.items():
+                if name not in found and theirs.get(name) == key and name in answers:
+                    self.cache[(name, "base-model")] = answers[name]["predictions"]
+                    found.append(name)
+        return found
+
     def load_stage(self, directory: Path) -> dict[str, dict]:
         """Read back a finished stage's scores and predictions (for resume)."""
-        import json
-
         scores = json.loads((directory / "predict_results.json").read_text())
         fingerprints = json.loads((directory / "eval_fingerprints.json").read_text())
         answers = json.loads((directory / PREDICTIONS).read_text())
@@ -407,9 +447,12 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
         if verify_stage_dir(reference_dir) is None:
             state.reference = evaluator.load_stage(reference_dir)
         else:
-            say(f"stage 0 (zero-shot reference): evaluating {len(prep.tasks)} tasks")
+            keys = evaluator.reference_keys()
+            borrowed = evaluator.borrow_reference(store.root.parent, keys, reference_dir)
+            say(f"stage 0 (zero-shot reference): evaluating {len(prep.tasks) - len(borrowed)} tasks"
+                + (f", {len(borrowed)} answered by a sibling run's identical stage 0" if borrowed else ""))
             results, fingerprints, _, _ = evaluator.evaluate(prep.loaded.model, None, prep.tasks, None)
-            ranks.on_main(lambda: evaluator.write_stage(reference_dir, results, fingerprints))
+            ranks.on_main(lambda: evaluator.write_stage(reference_dir, results, fingerprints, keys))
             state.reference = results
 
     method = prep.method_class(prep.method_options, services)
