@@ -244,6 +244,7 @@ class Deal(ContinualMethod):
     # parameter, so the same lr trains θ and the MLP without a jump at the task boundary.
     # Upstream's 1e-5 (fp32, few hundred steps) barely moves a LoRA from B = 0 (deal_spec.md §6.15).
     default_lr = 5e-4
+    tuned_lrs = {"smollm2-135m": 1e-3}  # dealcl sweep, docs/RESULTS.md (validation AA 54.5 vs 51.5 at 5e-4)
     default_alpha = 32.0
     # deal_spec.md §1.3: r 16 for T5, 32 for LLaMA.
     default_rank = {"seq2seq": 16, "causal": 32}
