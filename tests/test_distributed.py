@@ -106,7 +106,8 @@ def test_a_killed_sharded_run_resumes_to_the_same_results(toy_data, tmp_path):
     assert one.returncode == 0, one.stderr[-6000:]
     killed = _run(toy_data, tmp_path / "two", "seqlora", 2, tmp_path / "s2", *shape, "fsdp=true",
                   env={"DEALCL_FAULT": "train-step:4"})
-    assert killed.returncode != 0 and not (tmp_path / "two" / "outputs" / "2-toyB").exists()
+    assert killed.returncode == 1 and not (tmp_path / "two" / "outputs" / "2-toyB").exists()
+    assert killed.stderr.strip().splitlines()[-1].startswith("error: a training process failed")
     resumed = subprocess.run([sys.executable, "-m", "dealcl", "resume", str(tmp_path / "two"), "--num-processes", "2",
                               "--quiet"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                              timeout=600)
