@@ -104,5 +104,9 @@ def test_a_sibling_runs_identical_stage_zero_is_reused(toy_data, tmp_path, monke
     assert "answered by a sibling run" in capsys.readouterr().err
 
     calls.clear()
+    assert main(_args(toy_data, tmp_path / "next", methods="olora")) == 0
+    assert calls == ["toyA", "toyA", "toyB"]  # a comparison next to the first one counts too
+
+    calls.clear()
     assert main(_args(toy_data, out, methods="olora") + ["eval_batch_size=3"]) == 0
     assert calls[:2] == ["toyA", "toyB"]  # its own stage 0

@@ -311,11 +311,14 @@ class Evaluator:
 
     def borrow_reference(self, siblings: Path, keys: dict[str, str], own: Path) -> list[str]:
         """Take the untouched model's answers from the finished stage 0 of runs next to this
-        one (the other methods and orders of a `dealcl compare`) wherever a task's key matches;
-        returns the tasks found. Saves a whole evaluation per run: an untuned model often
-        talks until the token limit."""
+        one (the other methods and orders of a `dealcl compare`, and the runs of comparisons
+        next to that one) wherever a task's key matches; returns the tasks found. Saves a whole
+        evaluation per run: an untuned model often talks until the token limit."""
         found: list[str] = []
-        for directory in sorted(siblings.iterdir()) if siblings.is_dir() else []:
+        folders = [siblings] + [f for f in sorted(siblings.parent.iterdir()) if f != siblings and
+                                (f / "comparison.json").is_file()] if siblings.is_dir() else []
+        candidates = [d for folder in folders for d in sorted(folder.iterdir()) if d.is_dir()]
+        for directory in candidates:
             reference = RunStore(directory).output_dir(0, REFERENCE) if (directory / "outputs").is_dir() else None
             if reference is None or reference == own or not (reference / REFERENCE_KEYS).is_file():
                 continue
