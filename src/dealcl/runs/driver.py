@@ -218,6 +218,14 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    # The reset starts from the current RSS, which still holds what earlier runs freed (glibc
+    # keeps freed heap): collect it and hand it back first, where the C library allows.
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
         Path("/proc/self/clear_refs").write_text("5")
 
