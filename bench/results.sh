@@ -22,7 +22,10 @@ done
 # 2. The table.
 $PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods "$MAIN" --output results/order1
 $PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods "$ALL" --output results/order1
-$PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods seqlora,deal --lr 5e-4 --output results/order1-lr5e-4
+# The methods whose swept rate differs from the common 5e-4, also at 5e-4; deal-code (the
+# released code's settings) also at deal's swept rate.
+$PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods seqlora,deal,mtl --lr 5e-4 --output results/order1-lr5e-4
+$PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods deal-code --lr 1e-3 --output results/order1-deal-code-lr1e-3
 $PY -m dealcl compare "${COMMON[@]}" --orders 2,3 --methods "$MAIN" --output results/orders23
 for seed in 1 2; do
   $PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods "$MAIN" --seed "$seed" --output "results/order1-seed$seed"
