@@ -72,6 +72,15 @@ def forgetting_curves(run: RunSummary, path: Path) -> Path:
     return _save(figure, path)
 
 
+def _bar_extents(errors, count: int) -> tuple[list[float], list[float]]:
+    """matplotlib's yerr (None, one list, or [below, above]) as two lists."""
+    if errors is None:
+        return [0.0] * count, [0.0] * count
+    if errors and isinstance(errors[0], (list, tuple)):
+        return list(errors[0]), list(errors[1])
+    return list(errors), list(errors)
+
+
 def metric_bars(labels: list[str], aa: list[float | None], bwt: list[float | None], path: Path, title: str,
                 aa_err: list[float] | None = None, bwt_err: list[float] | None = None) -> Path:
     """AA and BWT side by side per method (or run); error bars where given."""
@@ -83,12 +92,16 @@ def metric_bars(labels: list[str], aa: list[float | None], bwt: list[float | Non
     right.bar(positions, [v or 0 for v in bwt], yerr=bwt_err, capsize=3, color="tab:red")
     right.set_ylabel("backward transfer BWT (points)")
     right.axhline(0, color="black", linewidth=0.8)
-    for axes, values in ((left, aa), (right, bwt)):
+    for axes, values, errors in ((left, aa, aa_err), (right, bwt, bwt_err)):
         axes.set_xticks(list(positions), labels, rotation=45, ha="right")
         axes.grid(axis="y", alpha=0.3)
+        below, above = _bar_extents(errors, len(labels))
         for x, value in zip(positions, values):
-            axes.annotate("n/a" if value is None else f"{value:.1f}", (x, value or 0), ha="center",
-                          va="bottom" if (value or 0) >= 0 else "top", fontsize=8)
+            # The label goes past the end of the error bar, where it cannot be crossed by it.
+            up = (value or 0) >= 0
+            y = (value or 0) + (above[x] if up else -below[x])
+            axes.annotate("n/a" if value is None else f"{value:.1f}", (x, y), ha="center",
+                          va="bottom" if up else "top", fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
