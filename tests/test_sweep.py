@@ -97,3 +97,12 @@ def test_a_changed_default_rate_does_not_pass_for_the_old_run(toy_data, tmp_path
     monkeypatch.setattr(driver, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert main([*base, "--output", str(out), "--lr", "1e-3"]) == 0
     assert main(["resume", str(out), "--quiet"]) == 0
+
+
+def test_a_sweep_with_a_bad_sequence_stops_before_its_first_run(toy_data, tmp_path, capsys):
+    assert main(_args(toy_data, tmp_path / "s", "--val-per-task", "4", "--benchmark", "standard")) == 2
+    captured = capsys.readouterr()
+    assert "== lr-" not in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert not (tmp_path / "s").exists()

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..data.benchmarks import resolve_sequence
 from ..errors import UserError
+from ..methods import resolve_method
 from .config import RunConfig, validate
 from .driver import run_continual
 from .store import atomic_write_json, atomic_write_text
@@ -33,6 +35,9 @@ def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool =
     if not base.val_per_task:
         raise UserError("sweep selects on held-out training examples: set --val-per-task N (N > 0)")
     configs = [validate(dataclasses.replace(base, lr=rate, eval_split="validation")) for rate in rates]
+    # What would stop every run, checked before the first one is announced or started.
+    resolve_sequence(base.benchmark, base.order, base.tasks)
+    resolve_method(base.method)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
     for config in configs:
