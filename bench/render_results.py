@@ -59,7 +59,8 @@ def sweep_section(root: Path) -> list[str]:
              "|---|" + "---|" * (len(first["runs"]) + 1)]
     for sweep in sweeps:
         cells = [f"{_fmt(r['validation_aa'])} ({_fmt(r['validation_bwt'])})" for r in sweep["runs"]]
-        lines.append(f"| {sweep['method']} | " + " | ".join(cells) + f" | {sweep['chosen_lr']:g} |")
+        edge = " (end of the grid)" if sweep.get("chosen_at_edge") else ""
+        lines.append(f"| {sweep['method']} | " + " | ".join(cells) + f" | {sweep['chosen_lr']:g}{edge} |")
     return lines + [""]
 
 

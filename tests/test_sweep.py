@@ -28,6 +28,8 @@ def test_sweep_scores_held_out_examples_and_picks_the_best_rate(toy_data, tmp_pa
     results = json.loads((out / "lr-0.001" / "results.json").read_text())
     assert results["average_accuracy"] == summary["runs"][0]["validation_aa"]
     assert "(chosen)" in (out / "sweep.md").read_text()
+    assert summary["chosen_at_edge"] is True  # two rates: either one is an end of the grid
+    assert "end of the grid" in (out / "sweep.md").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished sweep run was trained again")

@@ -50,7 +50,9 @@ def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool =
     best = max(scored, key=lambda r: (r["validation_aa"], -r["lr"])) if scored else None
     summary = {"method": base.method, "model": base.model, "tasks": configs[0].tasks, "benchmark": base.benchmark,
                "order": base.order, "train_per_task": base.train_per_task, "val_per_task": base.val_per_task,
-               "runs": rows, "chosen_lr": best and best["lr"]}
+               "runs": rows, "chosen_lr": best and best["lr"],
+               # The best rate at either end of the grid: the optimum may lie outside it.
+               "chosen_at_edge": bool(best) and len(rates) > 1 and best["lr"] in (min(rates), max(rates))}
     atomic_write_json(output / "sweep.json", summary)
     lines = [f"# Learning-rate sweep: {base.method} on {base.model}", "",
              f"Evaluated on {base.val_per_task} examples per task held out of the training files (not the test set).", "",
@@ -60,5 +62,7 @@ def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool =
         aa = "—" if r["validation_aa"] is None else f"{r['validation_aa']:.2f}"
         bwt = "—" if r["validation_bwt"] is None else f"{r['validation_bwt']:.2f}"
         lines.append(f"| {r['lr']:g}{mark} | {aa} | {bwt} |")
+    if summary["chosen_at_edge"]:
+        lines += ["", f"The chosen rate is at the end of the grid: a rate beyond {best['lr']:g} may score higher."]
     atomic_write_text(output / "sweep.md", "\n".join(lines) + "\n")
     return summary
