@@ -44,8 +44,18 @@ def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, 
     shutil.rmtree(out / "custom-seqlora" / "adapters")
     for path in (out / "custom-seqlora" / "outputs").glob("*/predict_eval_predictions.jsonl"):
         path.unlink()
+    answers = {p: p.read_bytes() for p in (out / "custom-seqlora" / "outputs").glob("*/predictions.json")}
+    assert len(answers) == 3
+
+    def no_generation(*args, **kwargs):
+        # The tiny model scores 0 trained or not: only "nothing was evaluated again" shows
+        # that a pruned run is re-read rather than re-evaluated on an untrained model.
+        raise AssertionError("a finished run was evaluated again")
+
+    monkeypatch.setattr(driver, "generate_answers", no_generation)
     assert main(_args(toy_data, out)) == 0
     assert (out / "custom-seqlora" / "results.json").read_bytes() == before
+    assert all(path.read_bytes() == content for path, content in answers.items())
     again = json.loads((out / "comparison.json").read_text())["runs"]
     assert [(r["aa_interval"], r["bwt_interval"]) for r in again] == intervals
 

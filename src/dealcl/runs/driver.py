@@ -330,7 +330,7 @@ class Evaluator:
             reference = RunStore(directory).output_dir(0, REFERENCE) if (directory / "outputs").is_dir() else None
             if reference is None or reference == own or not (reference / REFERENCE_KEYS).is_file():
                 continue
-            if verify_stage_dir(reference, optional=(UPSTREAM_PREDICTIONS,)) is not None:
+            if not outputs_verify(reference):
                 continue
             theirs = json.loads((reference / REFERENCE_KEYS).read_text())
             answers = json.loads((reference / PREDICTIONS).read_text())
@@ -441,6 +441,12 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
         handler.close()
 
 
+def outputs_verify(directory: Path) -> bool:
+    """A stage's evaluation outputs are complete. The upstream-layout predictions file quotes
+    the benchmark sentences, so results/ does not keep it: it may be missing, never wrong."""
+    return verify_stage_dir(directory, optional=(UPSTREAM_PREDICTIONS,)) is None
+
+
 def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
     config = prep.config
     torch.manual_seed(config.seed)
@@ -455,7 +461,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
     # Stage 0: the untouched model on every task, the zero-shot reference b_j for FWT.
     if config.reference_stage:
         reference_dir = store.output_dir(0, REFERENCE)
-        if verify_stage_dir(reference_dir) is None:
+        if outputs_verify(reference_dir):
             state.reference = evaluator.load_stage(reference_dir)
         else:
             keys = evaluator.reference_keys()
@@ -477,18 +483,17 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
     # Resume: the last stage whose checkpoint verifies, and whose earlier outputs all verify.
     # A finished run (every stage's outputs verify) needs no checkpoint at all: its adapters
     # may have been deleted to save space (results/ keeps none) and nothing is retrained.
-    finished = all(verify_stage_dir(store.output_dir(s.index, s.name), optional=(UPSTREAM_PREDICTIONS,)) is None
-                   for s in stages)
+    finished = all(outputs_verify(store.output_dir(s.index, s.name)) for s in stages)
     resume_from = len(stages) if finished else 0
     for stage in stages if not finished else []:
         if verify_stage_dir(store.adapter_dir(stage.index, stage.name)) is not None:
             break
         resume_from = stage.index
-        if verify_stage_dir(store.output_dir(stage.index, stage.name)) is not None:
+        if not outputs_verify(store.output_dir(stage.index, stage.name)):
             break
     for stage in stages[:resume_from]:
         out_dir = store.output_dir(stage.index, stage.name)
-        if verify_stage_dir(out_dir) is None:
+        if outputs_verify(out_dir):
             state.matrix_rows.append(evaluator.load_stage(out_dir))
     if resume_from and not finished:
         last = stages[resume_from - 1]
