@@ -44,6 +44,51 @@ def section(folder: Path) -> list[str]:
     return lines
 
 
+MAIN = ("seqlora", "olora", "gorp", "deal", "mtl")
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.1f} ± {sd:.1f}"
+
+
+def summary_section(root: Path) -> list[str]:
+    """The main methods across the three orders (seed 42) and across seeds (order 1), from
+    every run under root at the method's default (swept) learning rate."""
+    runs: dict[tuple[str, int, int], dict] = {}
+    for comparison in sorted(root.glob("*/comparison.json")):
+        if "-lr" in comparison.parent.name:
+            continue  # sensitivity runs at another rate
+        for row in json.loads(comparison.read_text())["runs"]:
+            config = yaml.safe_load((comparison.parent / row["run"] / "run.yaml").read_text())["config"]
+            runs[(row["method"], config["order"], config["seed"])] = row
+    lines = ["### Main methods across orders and seeds", "",
+             "AA and BWT per order (seed 42), their mean ± sd over the three orders, and on order 1 the mean "
+             "± sd over the seeds run (42, 1, 2 where present).", "",
+             "| method | AA o1 / o2 / o3 | AA mean ± sd | BWT o1 / o2 / o3 | BWT mean ± sd | order-1 seeds | AA over seeds | BWT over seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method in MAIN:
+        by_order = [runs.get((method, order, 42)) for order in (1, 2, 3)]
+        seeds = sorted(seed for (m, order, seed) in runs if m == method and order == 1)
+        by_seed = [runs[(method, 1, seed)] for seed in seeds]
+
+        def values(rows, key):
+            return [r[key] for r in rows if r is not None and r[key] is not None]
+
+        lines.append(
+            f"| {method} | {' / '.join(_fmt(r and r['average_accuracy']) for r in by_order)} | "
+            f"{_mean_sd(values(by_order, 'average_accuracy'))} | "
+            f"{' / '.join(_fmt(r and r['backward_transfer']) for r in by_order)} | "
+            f"{_mean_sd(values(by_order, 'backward_transfer'))} | {', '.join(map(str, seeds))} | "
+            f"{_mean_sd(values(by_seed, 'average_accuracy'))} | {_mean_sd(values(by_seed, 'backward_transfer'))} |")
+    return lines + [""]
+
+
 def sweep_section(root: Path) -> list[str]:
     """One table of every learning-rate sweep under root/sweep: validation AA per rate."""
     sweeps = [json.loads(p.read_text()) for p in sorted(root.glob("sweep/*/sweep.json"))]
@@ -75,6 +120,7 @@ def generated(root: Path) -> list[str]:
            "table at the end), greedy generation and exact match. AA and BWT in points; "
            "brackets: bootstrap 95% intervals over test examples (100 per task: about ±10 points per cell).",
            "", f"Note — {YAHOO_NOTE}.", ""]
+    out += summary_section(root)
     for folder in sorted(p.parent for p in root.glob("*/comparison.json")):
         out += section(folder)
     return out + sweep_section(root)
