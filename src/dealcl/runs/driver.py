@@ -323,9 +323,12 @@ class Evaluator:
         next to that one) wherever a task's key matches; returns the tasks found. Saves a whole
         evaluation per run: an untuned model often talks until the token limit."""
         found: list[str] = []
-        folders = [siblings] + [f for f in sorted(siblings.parent.iterdir()) if f != siblings and
-                                (f / "comparison.json").is_file()] if siblings.is_dir() else []
-        candidates = [d for folder in folders for d in sorted(folder.iterdir()) if d.is_dir()]
+        try:
+            folders = [siblings] + [f for f in sorted(siblings.parent.iterdir()) if f != siblings and
+                                    (f / "comparison.json").is_file()]
+            candidates = [d for folder in folders for d in sorted(folder.iterdir()) if d.is_dir()]
+        except OSError:  # an unreadable neighbour: nothing to borrow, evaluate as usual
+            return found
         for directory in candidates:
             reference = RunStore(directory).output_dir(0, REFERENCE) if (directory / "outputs").is_dir() else None
             if reference is None or reference == own or not (reference / REFERENCE_KEYS).is_file():
