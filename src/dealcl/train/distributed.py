@@ -98,8 +98,8 @@ class Processes:
 
     def shard_blocks(self, model: torch.nn.Module) -> int:
         """Shard the weights of every transformer block (the model's `_no_split_modules`, e.g.
-        LlamaDecoderLayer, T5Block) over the ranks and move the model to this rank's device;
-        returns the number of blocks. Embeddings, final norm and LM head stay whole (small next
+        LlamaDecoderLayer, T5Block) over the ranks, each shard on this rank's device (the
+        caller moves the rest); returns the number of blocks. Embeddings, final norm and LM head stay whole (small next
         to the blocks: 2 of 16 GB on Llama-3.1-8B). Call before adapters are added: parameters
         created later are not FSDP's and stay replicated. A model sharded already is left alone."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -112,12 +112,11 @@ class Processes:
         blocks = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
         if not blocks:
             raise UserError(f"FSDP: {type(model).__name__} names no transformer block class (_no_split_modules) to shard")
-        if self.world > 1 and not all(isinstance(b, FSDPModule) for b in blocks):
+        if not all(isinstance(b, FSDPModule) for b in blocks):
             mesh = init_device_mesh(self.device.type, (self.world,))
             for block in blocks:
                 fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        model.to(self.device)
-        self.sharded = self.world > 1
+        self.sharded = True
         return len(blocks)
 
     def sum_values(self, values: dict[str, float]) -> dict[str, float]:
