@@ -16,7 +16,6 @@ import yaml
 from conftest import tiny_run_config
 from dealcl.data.loading import load_task
 from dealcl.eval.generate import generate_answers
-from dealcl.eval.metrics import exact_match
 from dealcl.models.loading import load_model
 from dealcl.runs.driver import run_continual
 from dealcl.train.batching import PromptEncoder
@@ -90,34 +89,6 @@ def test_resume_after_sigkill_gives_identical_results(toy_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert (killed / "results.json").read_bytes() == (whole / "results.json").read_bytes()
-
-
-class ScriptedModel(torch.nn.Module):
-    """A stand-in whose `generate` always continues with the same tokens, cut at max_new_tokens."""
-
-    def __init__(self, continuation: list[int]):
-        super().__init__()
-        self.continuation = continuation
-        self.config = type("C", (), {"decoder_start_token_id": None})()
-
-    def generate(self, input_ids, attention_mask, generation_config):
-        extra = torch.tensor(self.continuation[: generation_config.max_new_tokens]).repeat(input_ids.shape[0], 1)
-        return torch.cat([input_ids, extra], dim=1)
-
-
-def test_answer_running_past_a_label_is_never_cut_into_a_match(toy_data):
-    loaded = load_model("tiny-llama")
-    task = load_task("toyB", toy_data)
-    encoder = PromptEncoder(loaded.tokenizer, "causal")
-    continuation = loaded.tokenizer(" Good movie, I liked it", add_special_tokens=False).input_ids
-    answers, _ = generate_answers(
-        ScriptedModel(continuation), encoder, task, ["great film"], arch="causal", batch_size=1,
-        device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False), progress=False,
-    )
-    # The longest label is "Good" (4 byte tokens + space = 5): 5 + 3 = 8 tokens " Good mo".
-    assert encoder.max_new_tokens(task) == len(encoder.label_ids("Good")) + 3
-    assert answers == ["Good mo"]
-    assert not exact_match(answers[0], "Good")
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])

@@ -76,26 +76,33 @@ def test_replay_buffer_sizes_seeded_and_from_past_tasks_only(toy_data_session):
 
 
 # ---- EWC ---------------------------------------------------------------------------------------
-def test_ewc_fisher_is_the_mean_of_squared_per_example_gradients(toy_data_session):
-    prep, method, model, stages, services = _setup(toy_data_session, "ewc", dropout=0.0, fisher_examples=3)
+def test_ewc_fisher_is_the_mean_squared_gradient_of_each_examples_log_likelihood(toy_data_session):
+    """F = mean over examples of (∇ log p(y|x))², log p(y|x) summed over the answer tokens: an
+    example's weight must not depend on its label's length (a mean over tokens would scale it
+    by 1/L²). Two examples whose answers differ in length, checked by a hand forward."""
+    prep, method, model, stages, services = _setup(toy_data_session, "ewc", dropout=0.0, fisher_examples=2)
     _train(method, model, stages[0], services)
-    # Hand loop: three examples, evenly spaced through toyA's training list, one at a time.
-    train = prep.tasks[0].train
-    chosen = evenly_spaced(train, 3)
-    assert chosen == [train[0], train[4], train[8]]
+    task = prep.tasks[0]
+    chosen = evenly_spaced(task.train, 2)
+    assert chosen == [task.train[0], task.train[6]]
+    assert {e.label for e in chosen} == {"apple", "plum"}  # answers of 6 and 5 tokens + EOS
+    encoder = services.encoder
     params = _trainable(model)
     expected = {n: torch.zeros_like(p) for n, p in params.items()}
     model.eval()
     for example in chosen:
-        batch = next(services.batches([(prep.tasks[0], example)], 1))
-        model.zero_grad()
-        loss_sum, _ = services.task_loss_sum(model, batch)
-        grads = torch.autograd.grad(loss_sum / batch["target_ids"].numel(), list(params.values()))
+        prompt = encoder.prompt_ids(task, example.sentence)
+        answer = encoder.label_ids(example.label) + [encoder.eos_id]
+        ids = torch.tensor([prompt + answer])
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        # Token k of the answer is predicted at position len(prompt) + k - 1.
+        log_likelihood = sum(log_probs[len(prompt) + k - 1, token] for k, token in enumerate(answer))
+        grads = torch.autograd.grad(log_likelihood, list(params.values()))
         for (n, _), g in zip(params.items(), grads):
-            expected[n] += g**2 / 3
+            expected[n] += g**2 / 2
     assert method.fisher_sum.keys() == expected.keys()
     for n in expected:
-        torch.testing.assert_close(method.fisher_sum[n], expected[n], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(method.fisher_sum[n], expected[n], rtol=1e-4, atol=1e-12)
     assert sum(f.sum() for f in expected.values()) > 0
 
 

@@ -2,8 +2,16 @@
 
 Prompts are sorted by length so a batch pads little; decoder-only batches are left-padded and
 the attention mask is always passed (upstream put it in the GenerationConfig, where `generate`
-never reads it, so pad tokens were attended: deal_spec.md §2.4). Generation stops at EOS or after
-the longest label's token count plus 3 tokens.
+never reads it, so pad tokens were attended: deal_spec.md §2.4).
+
+Exact match is upstream's: greedy generation of up to 50 new tokens (`generation_max_length`),
+normalised, compared with the label. Generating all 50 tokens for every answer is wasted work
+once the answer can no longer become a label, so a row also stops as soon as its normalised
+text so far is not a prefix of any normalised label (`LabelPrefixStop`). That changes no exact
+match and no invalid-output decision (docs/METHODS.md, "Exact match" has the proof sketch): the
+normalised final text always begins with the normalised text so far, so a row that is not a
+label prefix now can never equal a label later. Only the stored text of such an invalid answer
+is shorter. ROUGE scores the whole answer, so `with_rouge` generates without the early stop.
 """
 from __future__ import annotations
 
@@ -13,11 +21,18 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..data.types import Task
 from ..faults import fault_point
 from ..train.batching import PromptEncoder
+from .metrics import normalize_answer
+
+# Upstream's `generation_max_length` (deal_spec.md §2.4, gorp_olora_spec.md §1.2), used as
+# max_new_tokens by every released script.
+MAX_NEW_TOKENS = 50
+# Recorded in run.yaml and in stage-0 keys: answers made under another rule are not comparable.
+ANSWER_RULE = f"greedy, {MAX_NEW_TOKENS} new tokens, stop at EOS or when no label can still match"
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +70,35 @@ def _common_prefix(prompts: list[list[int]]) -> list[int]:
     return first[:n] if n >= MIN_SHARED_PREFIX else []
 
 
+def can_still_match(text: str, normalized_labels: list[str]) -> bool:
+    """Whether some continuation of `text` could still normalise to one of the labels.
+
+    The normalised form of text + continuation always starts with the normalised form of
+    text (normalising is character-wise except for whitespace runs, which only ever join onto
+    the last word), so a text whose normalised form is no label's prefix is invalid whatever
+    follows. A byte-level decoder shows an incomplete UTF-8 character as U+FFFD until its last
+    byte arrives: trailing replacement characters are not yet text, so they are ignored here."""
+    normalized = normalize_answer(text.rstrip("\ufffd"))
+    return any(label.startswith(normalized) for label in normalized_labels)
+
+
+class LabelPrefixStop(StoppingCriteria):
+    """Marks a row done once its generated text can no longer become a label (see above).
+
+    `start` is the column where the generated tokens begin in the ids `generate` passes (the
+    prompt width for decoder-only models, 0 for encoder-decoder decoder ids)."""
+
+    def __init__(self, tokenizer, labels: list[str], start: int) -> None:
+        self.tokenizer = tokenizer
+        self.labels = sorted({normalize_answer(label) for label in labels})
+        self.start = start
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :].tolist(), skip_special_tokens=True)
+        done = [not can_still_match(text, self.labels) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def evaluation_mode(fn):
     """Run `fn` under inference mode, or under no_grad when called with synced=True: FSDP
     allocates its all-gather buffers in the first forward and reuses them later, which
@@ -80,6 +124,8 @@ def generate_answers(
     progress: bool = True,
     share_prefix: bool = True,
     synced: bool = False,
+    stop_without_label: bool = True,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> tuple[list[str], float]:
     """Greedy answers for `sentences`, in input order, and the seconds it took.
 
@@ -87,7 +133,9 @@ def generate_answers(
     options): with `share_prefix` that common prefix is computed once, and every batch starts
     from a copy of its key/value cache. `synced` is for a model sharded over ranks (FSDP), whose
     every forward is a collective: each rank must pass the same number of sentences, and a rank
-    whose batch has finished keeps stepping until all have (transformers' `synced_gpus`)."""
+    whose batch has finished keeps stepping until all have (transformers' `synced_gpus`).
+    `stop_without_label` stops a row once no label can match any more (exact-match decisions
+    unchanged); off, every row runs to EOS or `max_new_tokens` (for ROUGE)."""
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -95,7 +143,7 @@ def generate_answers(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     tokenizer = encoder.tokenizer
     config = GenerationConfig(
-        max_new_tokens=encoder.max_new_tokens(task),
+        max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
         eos_token_id=encoder.eos_id,
@@ -128,6 +176,9 @@ def generate_answers(
             extra[cache_key] = cache
         else:
             input_ids, attention_mask = pad(rows, encoder.pad_id)
+        if stop_without_label:
+            start = input_ids.shape[1] if arch == "causal" else 0
+            extra["stopping_criteria"] = StoppingCriteriaList([LabelPrefixStop(tokenizer, task.labels, start)])
         with autocast():
             output = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from ..data.benchmarks import resolve_sequence
 from ..data.loading import default_data_dir, load_task_with_validation
 from ..data.types import Task
 from ..errors import UserError
-from ..eval.generate import generate_answers
+from ..eval.generate import ANSWER_RULE, generate_answers
 from ..eval.score import score_answers
 from ..eval.metrics import normalize_answer, score_task, summarize
 from ..methods import ContinualMethod, Stage, resolve_method
@@ -152,6 +153,7 @@ def run_yaml(prep: Prepared) -> dict[str, Any]:
             "world_size": launched_processes().world,
             "fsdp": launched_processes().sharded,
             "global_batch": config.batch_size * config.grad_accum,
+            "answer_rule": answer_rule(config),
         },
         "provenance": {
             "dealcl": __version__,
@@ -164,6 +166,17 @@ def run_yaml(prep: Prepared) -> dict[str, Any]:
             },
         },
     }
+
+
+# What runs made before the upstream exact-match rule used (they have no `answer_rule`).
+OLD_ANSWER_RULE = "greedy, longest label + 3 new tokens, stop at EOS"
+
+
+def answer_rule(config: RunConfig) -> str:
+    """How the answers exact match scores were produced (run.yaml `effective.answer_rule`)."""
+    if config.eval_mode == "score":
+        return "score: the most likely label"
+    return ANSWER_RULE + (" (off: with_rouge generates whole answers)" if config.with_rouge else "")
 
 
 def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -261,7 +274,10 @@ class Evaluator:
         # Sharded weights: every rank runs the same forwards, so shards are padded to one size.
         sentences += [task.test[0].sentence] * (ranks.lockstep_count(len(sentences)) - len(sentences))
         context = method.eval_model(model, task) if method is not None else contextlib.nullcontext(model)
-        answer = score_answers if self.prep.config.eval_mode == "score" else generate_answers
+        if self.prep.config.eval_mode == "score":
+            answer = score_answers
+        else:  # ROUGE scores the whole answer: no early stop for it
+            answer = functools.partial(generate_answers, stop_without_label=not self.prep.config.with_rouge)
         with context as eval_model:
             answers, seconds = answer(
                 eval_model, self.encoder, task, sentences, arch=self.prep.loaded.arch,
@@ -307,7 +323,8 @@ class Evaluator:
         prompt and label. Equal keys mean equal answers (greedy decoding is deterministic)."""
         config, loaded = self.prep.config, self.prep.loaded
         common = json.dumps([loaded.source, loaded.arch, config.model_dtype, self.prep.precision, config.eval_mode,
-                             config.eval_batch_size, self.services.processes.world, torch.__version__])
+                             config.eval_batch_size, self.services.processes.world, torch.__version__,
+                             ANSWER_RULE, config.with_rouge])
         keys = {}
         for task in self.prep.tasks:
             digest = hashlib.sha256(common.encode())
@@ -487,6 +504,11 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
     # A finished run (every stage's outputs verify) needs no checkpoint at all: its adapters
     # may have been deleted to save space (results/ keeps none) and nothing is retrained.
     finished = all(outputs_verify(store.output_dir(s.index, s.name)) for s in stages)
+    recorded_rule = store.read_run_yaml().get("effective", {}).get("answer_rule", OLD_ANSWER_RULE)
+    if not finished and recorded_rule != answer_rule(config):
+        # Its finished stages were scored another way: continuing would mix two metrics.
+        raise UserError(f"{store.root} was started with another answer rule ({recorded_rule}); its remaining "
+                        f"stages cannot be scored the same way: start it again in a new --output")
     resume_from = len(stages) if finished else 0
     for stage in stages if not finished else []:
         if verify_stage_dir(store.adapter_dir(stage.index, stage.name)) is not None:

@@ -60,11 +60,6 @@ class PromptEncoder:
     def encode(self, task: Task, sentence: str, label: str, index: int = -1) -> EncodedExample:
         return EncodedExample(self.prompt_ids(task, sentence), self.label_ids(label) + [self.eos_id], index)
 
-    def max_new_tokens(self, task: Task) -> int:
-        """Stop after the longest label plus 3 tokens, so that an answer running on past a
-        label ("Good movie, I…") is never cut into a match."""
-        return max(len(self.label_ids(label)) for label in task.labels) + 3
-
 
 def collate_train(examples: list[EncodedExample], arch: str, pad_id: int) -> dict:
     """Pad a micro-batch to its own longest sequence (dynamic padding)."""
