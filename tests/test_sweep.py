@@ -108,3 +108,24 @@ def test_a_sweep_with_a_bad_sequence_stops_before_its_first_run(toy_data, tmp_pa
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
     assert not (tmp_path / "s").exists()
+
+
+def test_compare_runs_each_method_at_the_rate_its_sweep_chose(toy_data, tmp_path, capsys):
+    sweeps = tmp_path / "sweeps"
+    assert main(_args(toy_data, sweeps / "seqlora", "--val-per-task", "4")) == 0
+    chosen = json.loads((sweeps / "seqlora" / "sweep.json").read_text())["chosen_lr"]
+    compare = ["compare", "--tasks", "toyA,toyB", "--methods", "seqlora,zero-shot", "--model", "tiny-llama",
+               "--data", str(toy_data), "--output", str(tmp_path / "cmp"), "--precision", "fp32", "--batch-size", "4",
+               "--train-per-task", "8", "--test-per-task", "6", "--quiet", "--lrs-from", str(sweeps)]
+    # inclora has no sweep there: refused before any run starts (zero-shot trains nothing).
+    with_inclora = [a if a != "seqlora,zero-shot" else "seqlora,zero-shot,inclora" for a in compare]
+    assert main(with_inclora) == 2
+    assert "no readable sweep for method inclora" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+    assert main(compare) == 0
+    import yaml
+
+    recorded = yaml.safe_load((tmp_path / "cmp" / "custom-seqlora" / "run.yaml").read_text())
+    assert recorded["effective"]["lr"] == chosen and recorded["config"]["lr"] == chosen
+    assert main(compare + ["--lr", "1e-3"]) == 2
+    assert "not both" in capsys.readouterr().err

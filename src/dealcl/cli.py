@@ -64,6 +64,9 @@ def build_parser() -> Parser:
     _add_run_flags(compare)
     compare.add_argument("--methods", required=True, help="comma-separated method names")
     compare.add_argument("--orders", help="comma-separated task orders of the benchmark (default: --order or none)")
+    compare.add_argument("--lrs-from", dest="lrs_from",
+                         help="folder of `dealcl sweep` outputs (<folder>/<method>/sweep.json): each method runs at "
+                              "the rate its sweep chose")
 
     sweep = sub.add_parser("sweep", help="choose a method's learning rate on held-out training examples")
     _add_run_flags(sweep)
@@ -177,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .methods import resolve_method
-    from .runs.compare import compare
+    from .runs.compare import compare, swept_rates
     from .runs.config import build_config
 
     flags = _flags(args)
@@ -196,7 +199,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:  # every name must resolve before any run starts
         resolve_method(method)
-    compare(base, methods, orders, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr))
+    if args.lrs_from and base.lr is not None:
+        raise UserError("give either --lr or --lrs-from, not both")
+    # A method that trains nothing (zero-shot) needs no rate.
+    trained = [m for m in methods if resolve_method(m).trains]
+    rates = swept_rates(Path(args.lrs_from), trained) if args.lrs_from else None
+    compare(base, methods, orders, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr),
+            rates=rates)
     print((output / "comparison.md").read_text())
     print(f"comparison: {output}/comparison.md, {output}/comparison.json")
     return 0

@@ -25,7 +25,23 @@ def run_name(config: RunConfig) -> str:
     return f"{where}-{config.method.replace('/', '_').replace(':', '_')}"
 
 
-def plan(base: RunConfig, methods: list[str], orders: list[int | None]) -> list[RunConfig]:
+def swept_rates(folder: Path, methods: list[str]) -> dict[str, float]:
+    """Each method's learning rate as chosen by `dealcl sweep --output <folder>/<method>`."""
+    rates = {}
+    for method in methods:
+        path = folder / method.replace("/", "_") / "sweep.json"
+        try:
+            chosen = json.loads(path.read_text()).get("chosen_lr")
+        except (OSError, ValueError):
+            raise UserError(f"--lrs-from: no readable sweep for method {method} ({path})") from None
+        if not isinstance(chosen, (int, float)) or not chosen > 0:
+            raise UserError(f"--lrs-from: the sweep in {path.parent} chose no learning rate")
+        rates[method] = float(chosen)
+    return rates
+
+
+def plan(base: RunConfig, methods: list[str], orders: list[int | None],
+         rates: dict[str, float] | None = None) -> list[RunConfig]:
     if base.method_options:
         raise UserError("compare runs several methods: method.KEY=VALUE options are not allowed here")
     if not methods:
@@ -33,7 +49,8 @@ def plan(base: RunConfig, methods: list[str], orders: list[int | None]) -> list[
     configs = []
     for order in orders:
         for method in methods:
-            configs.append(validate(dataclasses.replace(base, method=method, order=order)))
+            lr = (rates or {}).get(method, base.lr)
+            configs.append(validate(dataclasses.replace(base, method=method, order=order, lr=lr)))
     return configs
 
 
@@ -150,10 +167,11 @@ def _interval_bars(comparison: dict[str, Any], names: list[str], key: str) -> li
 
 
 def compare(base: RunConfig, methods: list[str], orders: list[int | None], output: Path, *, progress: bool = True,
-            say=print) -> dict[str, Any]:
+            say=print, rates: dict[str, float] | None = None) -> dict[str, Any]:
+    """`rates`: a learning rate per method (from `swept_rates`), overriding `base.lr`."""
     from . import plots
 
-    configs = plan(base, methods, orders)
+    configs = plan(base, methods, orders, rates)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
     for config in configs:
