@@ -46,6 +46,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True,
                    help="allow a model's own Python code to run (off by default)")
     p.add_argument("--config", help="YAML config file (a run.yaml works too)")
+    p.add_argument("--recipe", help="start from a recipe of upstream settings: a name from `dealcl recipes`, "
+                                    "or upstream (the one for this method, benchmark and model family)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
                    help="data-parallel processes on this machine (runs itself under torchrun)")
@@ -91,6 +93,9 @@ def build_parser() -> Parser:
     sub.add_parser("methods", help="list the continual methods")
     sub.add_parser("benchmarks", help="list the benchmarks and their task orders")
     sub.add_parser("models", help="list the model short names")
+    recipes = sub.add_parser("recipes", help="list the recipes of upstream settings (or show one)")
+    recipes.add_argument("name", nargs="?", help="a recipe to show in full")
+    recipes.add_argument("--markdown", action="store_true", help="print the table of docs/METHODS.md")
 
     export = sub.add_parser("export", help="write a run's final model as a stock PEFT adapter or merged weights")
     export.add_argument("run_dir")
@@ -108,7 +113,7 @@ def _flags(args: argparse.Namespace) -> dict:
     keys = [
         "benchmark", "order", "method", "model", "data", "train_per_task", "test_per_task", "val_per_task", "sample",
         "epochs", "lr", "batch_size", "grad_accum", "seed", "precision", "prompt_style", "eval_mode", "eval_all_stages",
-        "trust_remote_code",
+        "trust_remote_code", "recipe",
     ]
     flags = {k: getattr(args, k) for k in keys}
     if args.tasks is not None:
@@ -181,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .methods import resolve_method
     from .runs.compare import compare, swept_rates
-    from .runs.config import build_config
+    from .runs.config import user_config, validate
 
     flags = _flags(args)
     orders: list[int | None] = [None]
@@ -192,7 +197,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise UserError(f"--orders must be comma-separated integers, got {args.orders!r}") from None
         flags["order"] = orders[0]
     flags["method"] = args.methods.split(",")[0]
-    base = build_config(Path(args.config) if args.config else None, flags, args.overrides)
+    # The recipe (if any) is applied per method and order in `plan`, each getting its own.
+    base, user_keys = user_config(Path(args.config) if args.config else None, flags, args.overrides)
+    base = validate(base)
     if args.orders is None:
         orders = [base.order]
     output = Path(args.output) if args.output else Path("runs") / f"compare-{base.benchmark or 'custom'}"
@@ -205,7 +212,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     trained = [m for m in methods if resolve_method(m).trains]
     rates = swept_rates(Path(args.lrs_from), trained) if args.lrs_from else None
     compare(base, methods, orders, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr),
-            rates=rates)
+            rates=rates, user_keys=user_keys)
     print((output / "comparison.md").read_text())
     print(f"comparison: {output}/comparison.md, {output}/comparison.json")
     return 0
@@ -290,6 +297,33 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipes import all_recipes, get_recipe, recipes_markdown
+
+    if args.markdown:
+        print(recipes_markdown(), end="")
+        return 0
+    if args.name:
+        recipe = get_recipe(args.name)
+        print(f"{recipe.name}: {', '.join(recipe.methods)} on {recipe.benchmark}"
+              + (f" orders {', '.join(map(str, recipe.orders))}" if recipe.orders else "") + f", {recipe.family} family")
+        print(f"upstream: {recipe.source or 'none (no upstream settings)'}")
+        print(f"basis: {recipe.basis}")
+        if recipe.note:
+            print(f"note: {recipe.note}")
+        for key, value in recipe.settings.items():
+            print(f"  {key} = {value}")
+        for selector, entry in recipe.task_overrides.items():
+            print(f"  [{selector}] " + ", ".join(f"{k} = {v}" for k, v in entry.items()))
+        return 0
+    rows = [(r.name, ",".join(r.methods), r.benchmark + (" " + ",".join(map(str, r.orders)) if r.orders else ""),
+             r.family, r.source or "no upstream settings: derived (`dealcl recipes NAME` says how)") for r in all_recipes()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .runs.export import export_run
 
@@ -310,7 +344,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
-    "benchmarks": cmd_benchmarks, "models": cmd_models, "export": cmd_export, "data": cmd_data,
+    "benchmarks": cmd_benchmarks, "models": cmd_models, "recipes": cmd_recipes, "export": cmd_export, "data": cmd_data,
 }
 
 

@@ -86,6 +86,10 @@ class ContinualMethod:
     # or None with `export_refusal` saying why it cannot be done.
     export_as: ClassVar[str | None] = None
     export_refusal: ClassVar[str] = "its final model is not a plain (or mergeable) LoRA model"
+    # Options a run may set per task (`task_overrides`, e.g. O-LoRA's λ per task in its 15-task
+    # script): only ones the method reads afresh at every use (loss weights), never a shape.
+    # The driver hands each stage its own `self.config`.
+    per_task_options: ClassVar[tuple[str, ...]] = ()
     # Why the method cannot run with the base weights sharded (fsdp=true), or None when it can:
     # FSDP shards only frozen base weights, so a method that trains or reads them cannot.
     fsdp_refusal: ClassVar[str | None] = None

@@ -237,6 +237,7 @@ class Deal(ContinualMethod):
     paper = ("Han, Zhao et al., Data Efficient Adaptation in Large Language Models via Continuous Low-Rank "
              "Fine-Tuning, NeurIPS 2025 (arXiv:2509.18942)")
     config_class = DealConfig
+    per_task_options = ("lambda1", "lambda2")
     export_refusal = ("the adaptive-update MLP sits between A and B: the model is neither a LoRA adapter nor "
                       "mergeable into linear weights")
     # Task 1 is plain LoRA, as SeqLoRA (calibrated at 5e-4 on smollm2-135m). From task 2 the MLP

@@ -61,6 +61,7 @@ class Ewc(SeqLora):
     description = "one LoRA with an EWC penalty (empirical diagonal Fisher per finished task, accumulated)"
     paper = "Kirkpatrick et al., Overcoming catastrophic forgetting in neural networks, PNAS 2017"
     config_class = EwcConfig
+    per_task_options = ("ewc_lambda",)
     # Same adapter as seqlora; the penalty only adds a pull, so seqlora's calibration (5e-4 on
     # smollm2-135m) is kept to compare the two at equal rate.
     default_lr = 5e-4

@@ -283,12 +283,13 @@ class Gorp(ContinualMethod):
             lora_b.append(b)
             saved = self.memory.get(f"lora_a:{name}")
             if options.project_lora and saved is not None and saved.shape[1] > 0:
-                memory[a] = (saved.to(device=a.device, dtype=a.dtype), "right")
+                memory[a] = (saved.to(device=a.device, dtype=torch.float32), "right")
+        # Memories in fp32: a 16-bit weight steps on its fp32 master copy (train/loop.py MasterWeights).
         if options.project_galore:
             for name, weight in g:
                 saved = self.memory.get(f"galore:{name}")
                 if saved is not None and saved.shape[1] > 0:
-                    memory[weight] = (saved.to(device=weight.device, dtype=weight.dtype), "left")
+                    memory[weight] = (saved.to(device=weight.device, dtype=torch.float32), "left")
         claimed = {id(p) for p in lora_a + lora_b} | {id(w) for _, w in g}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
         groups = [

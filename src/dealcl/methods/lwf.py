@@ -95,6 +95,7 @@ class Lwf(SeqLora):
     description = "one LoRA; KL toward the previous stage's model on the new task's answer positions (T = 2)"
     paper = "Li & Hoiem, Learning without Forgetting, ECCV 2016 / TPAMI 2017"
     config_class = LwfConfig
+    per_task_options = ("lwf_alpha",)
     # Same adapter as seqlora; the KL is at most the CE's order (T² · KL ≈ CE scale), so
     # seqlora's calibrated 5e-4 on smollm2-135m is kept to compare at equal rate.
     default_lr = 5e-4

@@ -74,6 +74,7 @@ class OLora(ContinualMethod):
     description = "a new LoRA per task, kept orthogonal to the frozen earlier ones (overlap penalty on A)"
     paper = "Wang et al., Orthogonal Subspace Learning for Language Model Continual Learning, EMNLP 2023 Findings"
     config_class = OLoraConfig
+    per_task_options = ("lambda1", "lambda2")  # upstream long.sh sets both per task
     export_as = "adapter"  # the frozen adapters sum: one stock adapter of rank r·T
     # seqlora's calibrated value for the same adapter shape on smollm2-135m (upstream T5: 1e-3).
     default_lr = 5e-4

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .registry import EMBEDDED_SMOLLM2, MODELS, TINY_LLAMA, TINY_T5
+from .registry import EMBEDDED_SMOLLM2, EMBEDDED_WEIGHTS, MODELS, TINY_LLAMA, TINY_T5
 from .tiny import tiny_llama, tiny_t5
 
 GGUF_MAGIC = b"GGUF"
@@ -33,6 +33,7 @@ class LoadedModel:
     arch: str  # "causal" or "seq2seq"
     name: str  # what the user asked for
     source: str  # what was actually read
+    weights: str | None = None  # what the weights are when not the checkpoint as published (GGUF)
 
 
 def cache_root() -> Path:
@@ -147,7 +148,9 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         return _finish(model, tokenizer, "seq2seq", name, TINY_T5)
     if spec is not None and spec.source == EMBEDDED_SMOLLM2:
         gguf = embedded_gguf_path()
-        return _load_pretrained(str(gguf_cache_dir(gguf)), name, str(gguf), trust_remote_code, dtype)
+        loaded = _load_pretrained(str(gguf_cache_dir(gguf)), name, str(gguf), trust_remote_code, dtype)
+        loaded.weights = EMBEDDED_WEIGHTS
+        return loaded
     if spec is not None:
         return _load_pretrained(spec.source, name, spec.source, trust_remote_code, dtype)
 
@@ -155,7 +158,9 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model file {path} does not exist")
-        return _load_pretrained(str(gguf_cache_dir(path.resolve())), name, str(path.resolve()), trust_remote_code, dtype)
+        loaded = _load_pretrained(str(gguf_cache_dir(path.resolve())), name, str(path.resolve()), trust_remote_code, dtype)
+        loaded.weights = "GGUF file dequantized to fp32 (as precise as its stored quantization)"
+        return loaded
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json")

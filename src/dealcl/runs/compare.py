@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..eval.metrics import bootstrap_intervals, exact_match
-from .config import RunConfig, validate
+from .config import RunConfig, validate, with_recipe
 from .driver import PREDICTIONS, run_continual
 from .report import RunSummary, load_run
 from .store import atomic_write_json, atomic_write_text
@@ -41,7 +41,9 @@ def swept_rates(folder: Path, methods: list[str]) -> dict[str, float]:
 
 
 def plan(base: RunConfig, methods: list[str], orders: list[int | None],
-         rates: dict[str, float] | None = None) -> list[RunConfig]:
+         rates: dict[str, float] | None = None, user_keys: set[str] | None = None) -> list[RunConfig]:
+    """One config per (order, method). With `base.recipe` (not yet applied: `user_config`),
+    each pair gets the recipe that fits it, under the keys the user set (`user_keys`)."""
     if base.method_options:
         raise UserError("compare runs several methods: method.KEY=VALUE options are not allowed here")
     if not methods:
@@ -50,7 +52,11 @@ def plan(base: RunConfig, methods: list[str], orders: list[int | None],
     for order in orders:
         for method in methods:
             lr = (rates or {}).get(method, base.lr)
-            configs.append(validate(dataclasses.replace(base, method=method, order=order, lr=lr)))
+            config = dataclasses.replace(base, method=method, order=order, lr=lr)
+            if config.recipe is not None:
+                keys = (user_keys or set()) | {"method", "order"} | ({"lr"} if lr is not None else set())
+                config = with_recipe(config, keys)
+            configs.append(validate(config))
     return configs
 
 
@@ -167,11 +173,12 @@ def _interval_bars(comparison: dict[str, Any], names: list[str], key: str) -> li
 
 
 def compare(base: RunConfig, methods: list[str], orders: list[int | None], output: Path, *, progress: bool = True,
-            say=print, rates: dict[str, float] | None = None) -> dict[str, Any]:
-    """`rates`: a learning rate per method (from `swept_rates`), overriding `base.lr`."""
+            say=print, rates: dict[str, float] | None = None, user_keys: set[str] | None = None) -> dict[str, Any]:
+    """`rates`: a learning rate per method (from `swept_rates`), overriding `base.lr`;
+    `user_keys`: the keys the user set, which a recipe (`base.recipe`) must not replace."""
     from . import plots
 
-    configs = plan(base, methods, orders, rates)
+    configs = plan(base, methods, orders, rates, user_keys)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
     for config in configs:

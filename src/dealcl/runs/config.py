@@ -1,12 +1,15 @@
-"""The run configuration: YAML file + CLI flags + `key=value` overrides, validated in one place.
+"""The run configuration: recipe + YAML file + CLI flags + `key=value` overrides, validated in one place.
 
-Precedence: defaults < `--config FILE` < flags < `key=value` overrides. Method options live
-under `method_options` in YAML and as `method.KEY=VALUE` on the command line.
+Precedence: defaults < recipe (`--recipe`, src/dealcl/recipes/) < `--config FILE` < flags <
+`key=value` overrides. Method options live under `method_options` in YAML and as
+`method.KEY=VALUE` on the command line. `task_overrides` gives some stages other values, by task
+name or position: `{MNLI: {epochs: 2}, "stages 2-": {lr: 1e-4}, CB: {method.lambda1: 0.5}}`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +34,6 @@ class RunConfig:
     val_per_task: int = 0
     sample: str = "first"  # "first" (upstream) or "random" (seeded)
     epochs: int = 1
-    task_epochs: dict[str, int] = field(default_factory=dict)  # e.g. {MNLI: 2} as in the long scripts
     lr: float | None = None  # None: the method's calibrated default
     batch_size: int = 8
     grad_accum: int = 1
@@ -51,7 +53,11 @@ class RunConfig:
     reference_stage: bool = True  # evaluate the untouched model first: the zero-shot b_j
     with_rouge: bool = False
     trust_remote_code: bool = False
+    recipe: str | None = None  # the recipe whose values this config starts from (recorded, applied once)
     method_options: dict[str, Any] = field(default_factory=dict)
+    # Values for some stages only: selector (task name, "stage N", "stages N-M", "stages N-") →
+    # {key: value}, keys from STAGE_KEYS or method.KEY (options the method lets vary per task).
+    task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # Keys that do not change what is computed: a run may be resumed with other values.
     NON_SEMANTIC: typing.ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "fsdp"})
@@ -135,6 +141,30 @@ def _unknown_key(key: str, known: list[str], where: str) -> UserError:
     return UserError(f"unknown {where} key '{key}'{hint}")
 
 
+# What a stage may set for itself (task_overrides), besides method.KEY options.
+STAGE_KEYS = ("epochs", "lr", "batch_size", "grad_accum", "max_grad_norm")
+_SELECTOR = re.compile(r"stages? (\d+)(?:-(\d*))?")
+
+
+def _stage_range(selector: str) -> tuple[int, float] | None:
+    """(first, last) stage of a positional selector ("stage 2", "stages 2-4", "stages 2-"), else None."""
+    match = _SELECTOR.fullmatch(selector.strip())
+    if match is None:
+        return None
+    first = int(match.group(1))
+    last = match.group(2)
+    if last is None:
+        return first, first
+    return first, float("inf") if last == "" else int(last)
+
+
+def merge_task_overrides(old: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
+    merged = {k: dict(v) for k, v in old.items()}
+    for selector, values in new.items():
+        merged[selector] = {**merged.get(selector, {}), **values}
+    return merged
+
+
 def apply_values(config: RunConfig, values: dict[str, Any], source: str = "config") -> RunConfig:
     hints = typing.get_type_hints(RunConfig)
     known = [f.name for f in dataclasses.fields(RunConfig)]
@@ -143,10 +173,63 @@ def apply_values(config: RunConfig, values: dict[str, Any], source: str = "confi
             option = key.split(".", 1)[1]
             config.method_options = {**config.method_options, option: value}
             continue
+        if key == "task_epochs":  # the older spelling of per-task epochs (run.yaml of earlier runs)
+            epochs = coerce(key, value, dict[str, Any])
+            value, key = {task: {"epochs": n} for task, n in epochs.items()}, "task_overrides"
+        if key == "task_overrides":
+            overrides = coerce(key, value, dict[str, Any])
+            for selector, entry in overrides.items():
+                if not isinstance(entry, dict):
+                    raise UserError(f"config key 'task_overrides.{selector}' must be a mapping of keys to values, "
+                                    f"got {entry!r}")
+            config.task_overrides = merge_task_overrides(config.task_overrides,
+                                                         {str(k): dict(v) for k, v in overrides.items()})
+            continue
         if key not in known:
             raise _unknown_key(key, known, source)
         setattr(config, key, coerce(key, value, hints[key]))
     return config
+
+
+def _check_task_overrides(config: RunConfig) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    for selector, entry in config.task_overrides.items():
+        stages = _stage_range(selector)
+        if selector.startswith("stage") and (stages is None or stages[0] < 1 or stages[1] < stages[0]):
+            raise UserError(f"task_overrides: {selector!r} is not a stage selector (stage N, stages N-M or stages N-)")
+        for key, value in entry.items():
+            where = f"task_overrides.{selector}.{key}"
+            if key.startswith("method."):
+                continue  # checked against the method's options when the method is known
+            if key not in STAGE_KEYS:
+                raise _unknown_key(key, list(STAGE_KEYS), f"task_overrides.{selector}")
+            (kind,) = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
+            value = entry[key] = coerce(where, value, kind)
+            if key == "max_grad_norm" and value < 0 or key != "max_grad_norm" and not value > 0:
+                raise UserError(f"config key '{where}' must be {'non-negative' if key == 'max_grad_norm' else 'positive'}, "
+                                f"got {value!r}")
+
+
+def stage_overrides(config: RunConfig, index: int, tasks: list[str]) -> dict[str, Any]:
+    """The values `task_overrides` sets for stage `index` (1-based) training `tasks`.
+
+    Positional selectors apply first, then task names (more specific). A stage training several
+    tasks (MTL) takes the largest epochs of its tasks; any other key must agree among them."""
+    values: dict[str, Any] = {}
+    for selector, entry in config.task_overrides.items():
+        stages = _stage_range(selector)
+        if stages is not None and stages[0] <= index <= stages[1]:
+            values.update(entry)
+    named = [config.task_overrides[t] for t in tasks if t in config.task_overrides]
+    for key in {k for entry in named for k in entry}:
+        found = [entry[key] for entry in named if key in entry]
+        if key == "epochs":
+            values[key] = max(found)
+        elif len(set(map(repr, found))) > 1:
+            raise UserError(f"task_overrides give stage {index} ({', '.join(tasks)}) different values of {key}: {found}")
+        else:
+            values[key] = found[0]
+    return values
 
 
 def validate(config: RunConfig) -> RunConfig:
@@ -161,9 +244,7 @@ def validate(config: RunConfig) -> RunConfig:
         value = getattr(config, key)
         if value is not None and value < 0:
             raise UserError(f"config key '{key}' must not be negative, got {value!r}")
-    for task, epochs in config.task_epochs.items():
-        if epochs <= 0:
-            raise UserError(f"config key 'task_epochs.{task}' must be positive, got {epochs!r}")
+    _check_task_overrides(config)
     return config
 
 
@@ -201,13 +282,88 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
-def build_config(config_file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
-    config = RunConfig()
+def user_config(config_file: Path | None, flags: dict[str, Any], overrides: list[str]) -> tuple[RunConfig, set[str]]:
+    """The user's layers (config file < flags < overrides) on the defaults, before any recipe,
+    and the keys they set (method options as method.KEY)."""
+    layers = []
     if config_file is not None:
-        apply_values(config, read_yaml_config(config_file), source=f"config file {config_file}")
-    apply_values(config, {k: v for k, v in flags.items() if v is not None}, source="flag")
-    apply_values(config, parse_overrides(overrides), source="override")
+        layers.append(read_yaml_config(config_file))
+        source = f"config file {config_file}"
+    config = RunConfig()
+    if layers:
+        apply_values(config, layers[0], source)
+    for values, source in (({k: v for k, v in flags.items() if v is not None}, "flag"),
+                           (parse_overrides(overrides), "override")):
+        apply_values(config, values, source)
+        layers.append(values)
+    keys: set[str] = set()
+    for values in layers:
+        for key, value in values.items():
+            keys |= {f"method.{k}" for k in value} if key == "method_options" and isinstance(value, dict) else {key}
+    return config, keys
+
+
+def build_config(config_file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
+    config, keys = user_config(config_file, flags, overrides)
+    if config.recipe is not None:
+        config = with_recipe(config, keys)
     return validate(config)
+
+
+def with_recipe(user: RunConfig, keys: set[str]) -> RunConfig:
+    """The config the recipe `user.recipe` gives, with the user's `keys` taken from `user`.
+
+    A key the user sets for the whole run also replaces the recipe's per-stage values of that
+    key (`--lr 5e-4` means 5e-4 on every task, not only where the recipe had no per-task lr)."""
+    from ..data.benchmarks import resolve_sequence
+    from ..models.registry import model_family
+    from ..recipes import resolve_recipe
+
+    recipe = resolve_recipe(user.recipe, user.method, user.benchmark, user.order, model_family(user.model))
+    sequence = resolve_sequence(user.benchmark, user.order, user.tasks)
+    config = apply_values(RunConfig(), recipe.settings, source=f"recipe {recipe.name}")
+    per_stage = {selector: {k: v for k, v in entry.items() if k not in keys}
+                 for selector, entry in recipe.overrides_for(sequence).items()}
+    config.task_overrides = {selector: entry for selector, entry in per_stage.items() if entry}
+    for key in keys:
+        if key.startswith("method."):
+            option = key.split(".", 1)[1]
+            config.method_options = {**config.method_options, option: user.method_options[option]}
+        elif key in ("task_overrides", "task_epochs"):
+            config.task_overrides = merge_task_overrides(config.task_overrides, user.task_overrides)
+        elif key != "method_options":
+            setattr(config, key, getattr(user, key))
+    config.recipe = recipe.name
+    return config
+
+
+def recipe_record(config: RunConfig) -> dict[str, Any] | None:
+    """What run.yaml records of the recipe: where it comes from, every value it set, and which
+    of them the user replaced."""
+    if config.recipe is None:
+        return None
+    from ..data.benchmarks import resolve_sequence
+    from ..recipes import get_recipe
+
+    recipe = get_recipe(config.recipe)
+    flat = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("method_options", "task_overrides")}
+    flat.update({f"method.{k}": v for k, v in config.method_options.items()})
+    replaced = [k for k, v in recipe.settings.items() if k in flat and _differs(flat[k], v, k)]
+    sequence = resolve_sequence(config.benchmark, config.order, config.tasks)
+    overrides = recipe.overrides_for(sequence)
+    replaced += [f"task_overrides.{s}.{k}" for s, entry in overrides.items() for k, v in entry.items()
+                 if _differs(config.task_overrides.get(s, {}).get(k), v, k)]
+    return {"name": recipe.name, "source": recipe.source, "basis": recipe.basis,
+            "settings": dict(recipe.settings), "task_overrides": overrides, "replaced_by_user": replaced}
+
+
+def _differs(actual: Any, recipe_value: Any, key: str) -> bool:
+    if actual is None:
+        return True
+    try:
+        return float(actual) != float(recipe_value)
+    except (TypeError, ValueError):
+        return str(actual) != str(recipe_value)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

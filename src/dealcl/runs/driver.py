@@ -38,7 +38,7 @@ from ..methods import ContinualMethod, Stage, resolve_method
 from ..models.loading import LoadedModel, load_model
 from ..train.batching import PromptEncoder
 from ..train.loop import TrainingServices, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage
-from .config import RunConfig, config_from_dict, method_config
+from .config import RunConfig, config_from_dict, method_config, recipe_record, stage_overrides
 from ..train.distributed import fsdp_requested, launched_processes
 from .store import RunStore, atomic_write_json, atomic_write_text, dumps_json, sha256_file, verify_stage_dir, write_stage_dir
 
@@ -75,11 +75,9 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
     data_dir = Path(config.data).expanduser() if config.data else default_data_dir()
     if not data_dir.is_dir():
         raise UserError(f"data directory does not exist: {data_dir}")
-    unknown_epoch_tasks = set(config.task_epochs) - set(sequence)
-    if unknown_epoch_tasks:
-        raise UserError(f"task_epochs names a task not in the sequence: {sorted(unknown_epoch_tasks)[0]}")
     method_class = resolve_method(config.method)
     options = method_config(method_class.config_class, config.method_options, config.method)
+    check_task_overrides(config, sequence, method_class)
     if config.eval_split == "validation" and not config.val_per_task:
         raise UserError("eval_split=validation needs held-out examples: set --val-per-task N (N > 0)")
     tasks = []
@@ -111,6 +109,30 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Prepared:
     loaded.model.to(device)
     precision = resolve_precision(config.precision, device)
     return Prepared(config, data_dir, tasks, method_class, options, config.lr or method_class.lr_for(config.model), loaded, device, precision)
+
+
+def check_task_overrides(config: RunConfig, sequence: list[str], method_class: type[ContinualMethod]) -> None:
+    """Every per-task value names a task of the sequence and an option the method lets vary
+    per task, and gives every task a valid method config (so a bad value stops the run before
+    its first stage, not at the stage it applies to)."""
+    for selector, entry in config.task_overrides.items():
+        if not selector.startswith("stage") and selector not in sequence:
+            raise UserError(f"task_overrides names a task not in the sequence: {selector}")
+        for key in entry:
+            option = key.split(".", 1)[1] if key.startswith("method.") else None
+            if option is not None and option not in method_class.per_task_options:
+                allowed = ", ".join(method_class.per_task_options) or "none"
+                raise UserError(f"task_overrides.{selector}: method {config.method} option {option!r} cannot vary "
+                                f"per task (per-task options: {allowed})")
+    for index, task in enumerate(sequence, start=1):
+        stage_method_config(config, method_class, index, [task])
+
+
+def stage_method_config(config: RunConfig, method_class: type[ContinualMethod], index: int, tasks: list[str]):
+    """The method options of stage `index`: the run's, with the stage's task_overrides on top."""
+    values = stage_overrides(config, index, tasks)
+    options = {**config.method_options, **{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("method.")}}
+    return method_config(method_class.config_class, options, config.method)
 
 
 def _git_commit() -> str | None:
@@ -154,6 +176,10 @@ def run_yaml(prep: Prepared) -> dict[str, Any]:
             "fsdp": launched_processes().sharded,
             "global_batch": config.batch_size * config.grad_accum,
             "answer_rule": answer_rule(config),
+            "model_weights": prep.loaded.weights,
+            "recipe": recipe_record(config),
+            # What each task trains with, after task_overrides (stage k trains task k).
+            "per_task": [{"task": t.name, **_per_task(config, prep, k, t.name)} for k, t in enumerate(prep.tasks, 1)],
         },
         "provenance": {
             "dealcl": __version__,
@@ -177,6 +203,16 @@ def answer_rule(config: RunConfig) -> str:
     if config.eval_mode == "score":
         return "score: the most likely label"
     return ANSWER_RULE + (" (off: with_rouge generates whole answers)" if config.with_rouge else "")
+
+
+def _per_task(config: RunConfig, prep: Prepared, index: int, task: str) -> dict[str, Any]:
+    values = stage_overrides(config, index, [task])
+    row = {"lr": values.get("lr", prep.lr), "epochs": values.get("epochs", config.epochs)}
+    varying = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("method.")}
+    if varying:
+        options = stage_method_config(config, prep.method_class, index, [task])
+        row["method_options"] = {k: getattr(options, k) for k in varying}
+    return row
 
 
 def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -541,13 +577,17 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
         adapter_dir = store.adapter_dir(stage.index, stage.name)
         train_stats: dict[str, Any] = {"train_examples": 0, "train_seconds": 0.0, "train_samples_per_second": None}
         if stage.index > resume_from:
+            names = [t.name for t in stage.train_tasks]
+            own = stage_overrides(config, stage.index, names)
+            method.config = stage_method_config(config, prep.method_class, stage.index, names)
             method.on_task_start(model, stage)
             if method.trains:
                 items = method.training_items(stage)
-                epochs = max(config.task_epochs.get(t.name, config.epochs) for t in stage.train_tasks)
                 settings = TrainSettings(
-                    lr=prep.lr, epochs=epochs, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                    max_grad_norm=config.max_grad_norm, seed=config.seed, group_by_length=config.group_by_length,
+                    lr=own.get("lr", prep.lr), epochs=own.get("epochs", config.epochs),
+                    batch_size=own.get("batch_size", config.batch_size), grad_accum=own.get("grad_accum", config.grad_accum),
+                    max_grad_norm=own.get("max_grad_norm", config.max_grad_norm), seed=config.seed,
+                    group_by_length=config.group_by_length,
                 )
                 train_stats = train_stage(model, method, stage, items, settings, services, progress)
             method.on_task_end(model, stage)

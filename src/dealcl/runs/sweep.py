@@ -34,6 +34,9 @@ def parse_rates(text: str) -> list[float]:
 def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool = True, say=print) -> dict[str, Any]:
     if not base.val_per_task:
         raise UserError("sweep selects on held-out training examples: set --val-per-task N (N > 0)")
+    # The swept rate is every stage's: a recipe's per-stage lr would hide it.
+    per_stage = {s: {k: v for k, v in e.items() if k != "lr"} for s, e in base.task_overrides.items()}
+    base = dataclasses.replace(base, task_overrides={s: e for s, e in per_stage.items() if e})
     configs = [validate(dataclasses.replace(base, lr=rate, eval_split="validation")) for rate in rates]
     # What would stop every run, checked before the first one is announced or started.
     resolve_sequence(base.benchmark, base.order, base.tasks)

@@ -81,6 +81,7 @@ class TrainingServices:
         self.precision = precision
         self.device = device
         self.processes = processes or single_process()
+        self._mask_logits: bool | None = None  # whether the model takes a mask as logits_to_keep (probed once)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -91,16 +92,24 @@ class TrainingServices:
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def answer_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """Logits at the answer positions only, shape [answer tokens, vocab].
+        """Logits at the answer positions only, shape [answer tokens, vocab], from the model's
+        own forward, so that whatever its head does after the projection (Gemma-2's final
+        soft-capping, Cohere's logit scale) is what training sees, as generation does.
 
-        For decoder-only models the LM head runs on the answer positions alone: on a 49k
-        vocabulary the head over every prompt position costs as much as several layers."""
+        For decoder-only models the LM head runs on the answer positions alone
+        (`logits_to_keep`): on a 49k vocabulary the head over every prompt position costs as
+        much as several layers."""
         rows, positions = batch["target_rows"], batch["target_positions"]
         if self.arch == "causal":
-            lm = unwrap(model)
-            body = getattr(lm, lm.base_model_prefix)
-            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
-            return lm.get_output_embeddings()(hidden[rows, positions])
+            inputs = (model, batch["input_ids"], batch["attention_mask"], rows, positions)
+            if self._mask_logits is None:  # the first call finds out what this model accepts
+                try:
+                    logits = mask_answer_logits(*inputs)
+                except (TypeError, IndexError, ValueError):
+                    logits = None
+                self._mask_logits = logits is not None
+                return logits if logits is not None else union_answer_logits(*inputs)
+            return (mask_answer_logits if self._mask_logits else union_answer_logits)(*inputs)
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
         )
@@ -120,6 +129,32 @@ class TrainingServices:
         with self.autocast():
             logits = self.answer_logits(model, batch)
         return F.cross_entropy(logits.float(), batch["target_ids"], reduction="sum"), logits
+
+
+def mask_answer_logits(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+    """[len(rows), vocab] logits at (rows[i], positions[i]) through the model's forward.
+
+    transformers' `logits_to_keep` takes a boolean [batch, length] mask and returns the kept
+    positions flattened row by row: the order `collate_train` lists targets in (row, then
+    position). ValueError where the model (or transformers version) does not take a mask."""
+    key = rows * input_ids.shape[1] + positions
+    if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+        raise ValueError("answer targets must be listed row by row, positions increasing")
+    keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    keep[rows, positions] = True
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    if logits.dim() != 2 or logits.shape[0] != rows.numel():
+        raise ValueError(f"logits_to_keep with a mask gave logits of shape {tuple(logits.shape)}")
+    return logits
+
+
+def union_answer_logits(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+    """The same logits from the union of the answer positions (a 1-D `logits_to_keep`, kept for
+    every row), for models without mask support: more head work, the same values."""
+    union, index = torch.unique(positions, return_inverse=True)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=union).logits
+    return logits[rows, index]
 
 
 @contextlib.contextmanager
@@ -182,6 +217,43 @@ def bf16_fast_paths(model: torch.nn.Module, precision: str):
     finally:
         for weight, original in kept:
             weight.data = original
+
+
+class MasterWeights:
+    """fp32 master copies of trained parameters stored in 16 bits (model_dtype=bf16: SeqFT's
+    weights, GORP's full-rank group).
+
+    An Adam step moves a weight by about lr, far below a bf16 weight's rounding step (2⁻⁸ of
+    its size): applied to the bf16 tensor directly most updates round away (measured: 30 GORP
+    steps on a 4096×1024 bf16 weight changed 11.5 % of its entries, fp32 all of them). Here the
+    optimizer steps on an fp32 copy, with fp32 state, and the model's 16-bit tensor receives the
+    rounded result after every step. The copies live for one stage; a stage ends, and its
+    checkpoint is written, in the model's dtype."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        low = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
+        self.pairs = [(p, p.detach().float()) for p in low]
+
+    @contextlib.contextmanager
+    def fp32_step(self):
+        """Within: every low-precision parameter holds its fp32 master and an fp32 gradient."""
+        if not self.pairs:
+            yield
+            return
+        stored = []
+        for p, master in self.pairs:
+            stored.append(p.data)
+            grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+            p.data = master
+            p.grad = grad
+        try:
+            yield
+        finally:
+            for (p, master), low in zip(self.pairs, stored):
+                p.grad = None
+                low.copy_(master)  # round to the model's dtype
+                p.data = low
 
 
 def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
@@ -253,6 +325,7 @@ def _train_stage(model, method, stage, items, settings, services, progress) -> d
     use_fast_dropout(model)
     optimizer = method.build_optimizer(model, settings.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    masters = MasterWeights(params)
     encoded = services.encode_items(items)
     # The stage's randomness (data order, dropout) depends only on the seed and the stage index,
     # so a resumed run retrains a stage exactly as an uninterrupted one would.
@@ -320,7 +393,8 @@ def _train_stage(model, method, stage, items, settings, services, progress) -> d
             method.after_backward(model)
             if settings.max_grad_norm and settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
+            with masters.fp32_step():
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             fault_point("train-step")
             for name, value in terms_this_step.items():
