@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-DEMO_CAPS := --train-per-task 96 --test-per-task 40
 
 .PHONY: setup demo test clean-demo
 
@@ -21,13 +20,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m dealcl run --benchmark tc --method seqlora --model smollm2-135m $(DEMO_CAPS) --output runs/demo-seqlora
-	$(PY) -m dealcl run --benchmark tc --method zero-shot --model smollm2-135m $(DEMO_CAPS) --output runs/demo-zero-shot
-	$(PY) -m dealcl report runs/demo-seqlora runs/demo-zero-shot
-	@echo "Results: runs/demo-seqlora/ and runs/demo-zero-shot/ (results.json, outputs/, adapters/, logs/)"
+	$(PY) -m dealcl demo --output runs/demo
 
 test: setup
 	$(PY) -m pytest
 
 clean-demo:
-	rm -rf runs/demo-seqlora runs/demo-zero-shot
+	rm -rf runs/demo

@@ -2,26 +2,14 @@
 request) its measured fp32 and bf16 matmul rates. Every bench prints `host_line()` first."""
 from __future__ import annotations
 
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def cpu_capability() -> tuple[str, str]:
-    """(CPU model name, best of AMX / AVX512_BF16 / AVX512 / AVX2 / none)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU", "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    for name, flag in (("AMX", "amx_bf16"), ("AVX512_BF16", "avx512_bf16"), ("AVX512", "avx512f"), ("AVX2", "avx2")):
-        if flag in flags:
-            return model, name
-    return model, "no AVX2"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dealcl.train.hardware import cpu_capability  # noqa: E402
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:

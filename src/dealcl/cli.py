@@ -90,6 +90,9 @@ def build_parser() -> Parser:
     predict.add_argument("--task", help="which task's prompt to use (default: the run's last task)")
     predict.add_argument("--output", help="write JSONL here instead of standard output")
 
+    demo = sub.add_parser("demo", help="the TC sequence with SeqLoRA and zero-shot on the embedded model, sized to this machine")
+    demo.add_argument("--output", default="runs/demo", help="folder for the two runs (default runs/demo)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("methods", help="list the continual methods")
     sub.add_parser("benchmarks", help="list the benchmarks and their task orders")
     sub.add_parser("models", help="list the model short names")
@@ -297,6 +300,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from .runs.demo import run_demo
+    from .runs.report import format_report, load_run, write_report
+
+    started = time.perf_counter()
+    runs = run_demo(Path(args.output), progress=not args.quiet)
+    summaries = [load_run(run) for run in runs]
+    print(format_report(summaries))
+    write_report(summaries, Path(args.output))
+    minutes = (time.perf_counter() - started) / 60
+    print(f"demo done in {minutes:.1f} min; runs: {', '.join(map(str, runs))}; report: {args.output}/report.md")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from .recipes import all_recipes, get_recipe, recipes_markdown
 
@@ -344,7 +363,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "resume": cmd_resume, "report": cmd_report, "predict": cmd_predict, "methods": cmd_methods,
-    "benchmarks": cmd_benchmarks, "models": cmd_models, "recipes": cmd_recipes, "export": cmd_export, "data": cmd_data,
+    "benchmarks": cmd_benchmarks, "models": cmd_models, "recipes": cmd_recipes, "demo": cmd_demo, "export": cmd_export, "data": cmd_data,
 }
 
 

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from ..data.types import Task
 from ..faults import fault_point
-from ..train.batching import PromptEncoder
+from ..train.batching import PromptEncoder, common_prefix_length
 from .metrics import normalize_answer
 
 # Upstream's `generation_max_length` (deal_spec.md §2.4, gorp_olora_spec.md §1.2), used as
@@ -53,21 +53,6 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return ids, mask
-
-
-MIN_SHARED_PREFIX = 8  # tokens; below this a shared cache saves less than it costs to copy
-
-
-def _common_prefix(prompts: list[list[int]]) -> list[int]:
-    """The token prefix every prompt shares, leaving each at least one token of its own."""
-    if len(prompts) < 2:
-        return []
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return first[:n] if n >= MIN_SHARED_PREFIX else []
 
 
 def can_still_match(text: str, normalized_labels: list[str]) -> bool:
@@ -152,7 +137,7 @@ def generate_answers(
     )
     answers: list[str] = [""] * len(prompts)
     # Ranks' prefixes may differ in length, not in number of forwards: only safe unsynced.
-    prefix = _common_prefix(prompts) if share_prefix and arch == "causal" and not synced else []
+    prefix = prompts[0][: common_prefix_length(prompts)] if share_prefix and arch == "causal" and not synced else []
     prefix_cache = None
     if prefix:
         with autocast():

@@ -39,6 +39,14 @@ class RunConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    # At most this many padded tokens (rows × longest) per micro-batch, one example at least;
+    # the optimizer step (batch_size × grad_accum examples) and its loss stay the same.
+    # None: 1024 on a CPU (bounded memory on long prompts), no cap on a GPU.
+    micro_batch_tokens: int | None = None
+    # Decoder-only training computes the prompt prefix a micro-batch's rows share once (the
+    # same loss and gradient; LoRA dropout draws one mask on the shared positions). Off with
+    # gradient checkpointing (no cache while recomputing) and with fsdp.
+    share_prompt_prefix: bool = True
     group_by_length: bool = True  # batches of similar length (less padding); false: plain shuffle
     seed: int = 42
     max_source_length: int = 512
@@ -68,7 +76,8 @@ class RunConfig:
 
 
 CHOICES = {"model_dtype": ("fp32", "bf16"), "eval_mode": ("generate", "score"), "eval_split": ("test", "validation"), "sample": ("first", "random"), "precision": ("auto", "bf16", "fp32"), "prompt_style": ("plain", "chat")}
-POSITIVE = {"epochs", "batch_size", "grad_accum", "eval_batch_size", "max_source_length", "train_per_task", "test_per_task", "lr"}
+POSITIVE = {"epochs", "batch_size", "grad_accum", "eval_batch_size", "max_source_length", "train_per_task", "test_per_task", "lr",
+            "micro_batch_tokens"}
 NON_NEGATIVE = {"val_per_task", "max_grad_norm", "seed"}
 
 

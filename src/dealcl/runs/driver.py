@@ -37,8 +37,11 @@ from ..eval.metrics import normalize_answer, score_task, summarize
 from ..methods import ContinualMethod, Stage, resolve_method
 from ..models.loading import LoadedModel, load_model
 from ..train.batching import PromptEncoder
-from ..train.loop import TrainingServices, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage
+from ..train.loop import (
+    CPU_MICRO_BATCH_TOKENS, TrainingServices, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage,
+)
 from .config import RunConfig, config_from_dict, method_config, recipe_record, stage_overrides
+from .progress import RunProgress, Workload
 from ..train.distributed import fsdp_requested, launched_processes
 from .store import RunStore, atomic_write_json, atomic_write_text, dumps_json, sha256_file, verify_stage_dir, write_stage_dir
 
@@ -176,6 +179,7 @@ def run_yaml(prep: Prepared) -> dict[str, Any]:
             "fsdp": launched_processes().sharded,
             "global_batch": config.batch_size * config.grad_accum,
             "answer_rule": answer_rule(config),
+            "micro_batch_tokens": micro_batch_tokens(config, prep.device),
             "model_weights": prep.loaded.weights,
             "recipe": recipe_record(config),
             # What each task trains with, after task_overrides (stage k trains task k).
@@ -203,6 +207,12 @@ def answer_rule(config: RunConfig) -> str:
     if config.eval_mode == "score":
         return "score: the most likely label"
     return ANSWER_RULE + (" (off: with_rouge generates whole answers)" if config.with_rouge else "")
+
+
+def micro_batch_tokens(config: RunConfig, device: torch.device) -> int | None:
+    if config.micro_batch_tokens is not None:
+        return config.micro_batch_tokens
+    return CPU_MICRO_BATCH_TOKENS if device.type == "cpu" else None
 
 
 def _per_task(config: RunConfig, prep: Prepared, index: int, task: str) -> dict[str, Any]:
@@ -297,6 +307,7 @@ class Evaluator:
         self.encoder = encoder
         self.services = services
         self.progress = progress
+        self.on_answered = lambda answers: None  # the whole-run progress
         self.cache: dict[tuple[str, str], list[str]] = {}
 
     def predictions(self, model, method: ContinualMethod | None, task: Task, fingerprint: str | None) -> tuple[list[str], float]:
@@ -418,6 +429,7 @@ class Evaluator:
         for task in tasks:
             fingerprint = "base-model" if method is None else method.eval_fingerprint(task, stage)
             answers, took = self.predictions(model, method, task, fingerprint)
+            self.on_answered(len(answers))
             seconds += took
             generated += len(answers) if took > 0 else 0
             labels = [e.label for e in task.test]
@@ -480,8 +492,12 @@ def write_results(store: RunStore, prep: Prepared, stages: list[Stage], state: R
     return summary
 
 
-def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loaded: LoadedModel | None = None) -> dict:
-    """Run (or resume) a whole continual sequence; returns the results.json content."""
+def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loaded: LoadedModel | None = None,
+                  costs: tuple[float, float] | None = None) -> dict:
+    """Run (or resume) a whole continual sequence; returns the results.json content.
+
+    `costs`: seconds per training example and per answer on this machine (a probe's), for the
+    whole-run progress bar; typical values otherwise."""
     prep = prepare(config, loaded)
     reset_peak_memory(prep.device)
     ranks = launched_processes()
@@ -491,7 +507,7 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
         return _run(prep, RunStore(Path(output)), progress=False)
     handler = _setup_log(store)
     try:
-        return _run(prep, store, progress)
+        return _run(prep, store, progress, costs)
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -503,16 +519,44 @@ def outputs_verify(directory: Path) -> bool:
     return verify_stage_dir(directory, optional=(UPSTREAM_PREDICTIONS,)) is None
 
 
-def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
+def _workload(prep: Prepared, store: RunStore, stages: list[Stage], method: ContinualMethod) -> Workload:
+    """What is left to do: training examples and answers of every unfinished stage."""
+    config, tasks = prep.config, prep.tasks
+    todo = [s for s in stages if not outputs_verify(store.output_dir(s.index, s.name))]
+    train = sum(len(t.train) * stage_overrides(config, s.index, [t.name]).get("epochs", config.epochs)
+                for s in todo for t in s.train_tasks) if method.trains else 0
+    answers = sum(len(t.test) for s in todo
+                  for t in (tasks if (config.eval_all_stages or method.joint) else _seen_tasks(tasks, stages, s)))
+    if config.reference_stage and not outputs_verify(store.output_dir(0, REFERENCE)):
+        answers += sum(len(t.test) for t in tasks)
+    return Workload(train, answers)
+
+
+def _run(prep: Prepared, store: RunStore, progress: bool, costs: tuple[float, float] | None = None) -> dict:
     config = prep.config
     torch.manual_seed(config.seed)
     encoder = PromptEncoder(prep.loaded.tokenizer, prep.loaded.arch, config.max_source_length, config.prompt_style)
     ranks = launched_processes()
-    services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device, ranks)
+    services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device, ranks,
+                                share_prefix=config.share_prompt_prefix and not config.gradient_checkpointing)
     evaluator = Evaluator(prep, encoder, services, progress)
     state = RunState(efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
     log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,
              [t.name for t in prep.tasks], prep.precision)
+    method = prep.method_class(prep.method_options, services)
+    stages = method.stages(prep.tasks)
+    if len({s.name for s in stages}) != len(stages):
+        raise UserError("a method produced two stages with the same name")
+    overall = RunProgress(_workload(prep, store, stages, method), progress and ranks.is_main, *(costs or ()))
+    services.on_trained, evaluator.on_answered = overall.trained, overall.answered
+    try:
+        return _run_stages(prep, store, progress, services, evaluator, state, method, stages)
+    finally:
+        overall.close()
+
+
+def _run_stages(prep, store, progress, services, evaluator, state, method, stages) -> dict:
+    config, ranks = prep.config, services.processes
 
     # Stage 0: the untouched model on every task, the zero-shot reference b_j for FWT.
     if config.reference_stage:
@@ -528,13 +572,9 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
             ranks.on_main(lambda: evaluator.write_stage(reference_dir, results, fingerprints, keys))
             state.reference = results
 
-    method = prep.method_class(prep.method_options, services)
     model = method.prepare_model(prep.loaded.model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    stages = method.stages(prep.tasks)
-    if len({s.name for s in stages}) != len(stages):
-        raise UserError("a method produced two stages with the same name")
 
     # Resume: the last stage whose checkpoint verifies, and whose earlier outputs all verify.
     # A finished run (every stage's outputs verify) needs no checkpoint at all: its adapters
@@ -573,6 +613,8 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
     for stage in stages:
         if stage.index <= len(state.matrix_rows):
             continue
+        if state.efficiency:  # each stage's own peak (the first one's includes loading and stage 0)
+            reset_peak_memory(prep.device)
         started = time.perf_counter()
         adapter_dir = store.adapter_dir(stage.index, stage.name)
         train_stats: dict[str, Any] = {"train_examples": 0, "train_seconds": 0.0, "train_samples_per_second": None}
@@ -587,7 +629,7 @@ def _run(prep: Prepared, store: RunStore, progress: bool) -> dict:
                     lr=own.get("lr", prep.lr), epochs=own.get("epochs", config.epochs),
                     batch_size=own.get("batch_size", config.batch_size), grad_accum=own.get("grad_accum", config.grad_accum),
                     max_grad_norm=own.get("max_grad_norm", config.max_grad_norm), seed=config.seed,
-                    group_by_length=config.group_by_length,
+                    group_by_length=config.group_by_length, micro_batch_tokens=micro_batch_tokens(config, prep.device),
                 )
                 train_stats = train_stage(model, method, stage, items, settings, services, progress)
             method.on_task_end(model, stage)

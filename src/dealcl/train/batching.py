@@ -61,8 +61,26 @@ class PromptEncoder:
         return EncodedExample(self.prompt_ids(task, sentence), self.label_ids(label) + [self.eos_id], index)
 
 
+MIN_SHARED_PREFIX = 8  # tokens; below this a shared prefix saves less than it costs
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one token of its own
+    (the last prompt token predicts the answer); 0 below MIN_SHARED_PREFIX or for one prompt.
+    Every prompt of a task starts with the same task, dataset, instruction and options."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 def collate_train(examples: list[EncodedExample], arch: str, pad_id: int) -> dict:
-    """Pad a micro-batch to its own longest sequence (dynamic padding)."""
+    """Pad a micro-batch to its own longest sequence (dynamic padding). Decoder-only batches
+    also say how many leading tokens all their prompts share (`prefix_len`)."""
     if arch == "causal":
         sequences = [e.prompt_ids + e.answer_ids for e in examples]
         width = max(len(s) for s in sequences)
@@ -84,6 +102,7 @@ def collate_train(examples: list[EncodedExample], arch: str, pad_id: int) -> dic
             "target_positions": torch.tensor(positions),
             "target_ids": torch.tensor(targets),
             "indices": [e.index for e in examples],
+            "prefix_len": common_prefix_length([e.prompt_ids for e in examples]),
         }
     width = max(len(e.prompt_ids) for e in examples)
     target_width = max(len(e.answer_ids) for e in examples)

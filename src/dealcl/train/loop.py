@@ -12,8 +12,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -25,26 +23,9 @@ from ..methods.base import ContinualMethod, Stage, TrainItem
 from ..faults import fault_point, trace_shard
 from .batching import EncodedExample, PromptEncoder, collate_train, num_targets
 from .distributed import Processes, single_process
+from .hardware import cpu_has_bf16, resolve_precision  # noqa: F401 (re-exported for the driver and benches)
 
 log = logging.getLogger("dealcl")
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` picks bf16 autocast where the hardware runs it fast, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -69,19 +50,25 @@ class TrainSettings:
     seed: int = 42
     log_every: int = 10
     group_by_length: bool = True
+    micro_batch_tokens: int | None = None  # at most this many padded tokens per micro-batch (None: rows only)
 
 
 class TrainingServices:
     """What a method may use from the engine: the encoder, autocast, and the answer-only forward."""
 
     def __init__(self, encoder: PromptEncoder, arch: str, precision: str, device: torch.device,
-                 processes: Processes | None = None) -> None:
+                 processes: Processes | None = None, share_prefix: bool = True) -> None:
         self.encoder = encoder
         self.arch = arch
         self.precision = precision
         self.device = device
         self.processes = processes or single_process()
+        # Decoder-only micro-batches compute the prompt prefix they share once (see
+        # `answer_logits`). Never with sharded weights: an extra forward on some ranks only
+        # would break FSDP's lockstep.
+        self.share_prefix = share_prefix and arch == "causal" and not self.processes.sharded
         self._mask_logits: bool | None = None  # whether the model takes a mask as logits_to_keep (probed once)
+        self.on_trained = lambda examples: None  # called after every optimizer step (the run's progress)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -98,22 +85,42 @@ class TrainingServices:
 
         For decoder-only models the LM head runs on the answer positions alone
         (`logits_to_keep`): on a 49k vocabulary the head over every prompt position costs as
-        much as several layers."""
+        much as several layers. And the prompt prefix every row shares (task, dataset,
+        instruction, options: about half an agnews prompt) is computed once, as a batch of one,
+        and its keys and values are repeated for the rows: the rows' gradients flow back
+        through the repeat into that one computation, so the step's loss and gradient are those
+        of the unshared batch (LoRA dropout draws one mask for the shared positions)."""
         rows, positions = batch["target_rows"], batch["target_positions"]
         if self.arch == "causal":
-            inputs = (model, batch["input_ids"], batch["attention_mask"], rows, positions)
+            ids, forward = batch["input_ids"], {}
+            shared = batch.get("prefix_len", 0) if self.share_prefix else 0
+            cache = prefix_cache(model, ids[:1, :shared], ids.shape[0]) if shared else None
+            if cache is not None:
+                forward = dict([cache])
+                ids, positions = ids[:, shared:], positions - shared
+            inputs = (model, ids, batch["attention_mask"], rows, positions)
             if self._mask_logits is None:  # the first call finds out what this model accepts
                 try:
-                    logits = mask_answer_logits(*inputs)
+                    logits = mask_answer_logits(*inputs, **forward)
                 except (TypeError, IndexError, ValueError):
                     logits = None
                 self._mask_logits = logits is not None
-                return logits if logits is not None else union_answer_logits(*inputs)
-            return (mask_answer_logits if self._mask_logits else union_answer_logits)(*inputs)
+                if logits is not None:
+                    return logits
+                if cache is not None:  # the failed probe used the cache up: start again
+                    return self.answer_logits(model, batch)
+                return union_answer_logits(*inputs)
+            return (mask_answer_logits if self._mask_logits else union_answer_logits)(*inputs, **forward)
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
         )
         return out.logits[rows, positions]
+
+    def computed_tokens(self, batch: dict) -> int:
+        """Token positions the forward computes (FLOP accounting): a shared prefix counts once."""
+        ids = batch["input_ids"]
+        shared = batch.get("prefix_len", 0) if self.share_prefix else 0
+        return ids.numel() - (ids.shape[0] - 1) * shared + batch.get("labels", ids[:, :0]).numel()
 
     def batches(self, items: list[TrainItem], batch_size: int) -> Iterator[dict]:
         """Batches in item order, for methods that need a pass over data (EWC's Fisher, LwF's teacher)."""
@@ -131,7 +138,22 @@ class TrainingServices:
         return F.cross_entropy(logits.float(), batch["target_ids"], reduction="sum"), logits
 
 
-def mask_answer_logits(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+def prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> tuple[str, object] | None:
+    """The key/value cache of `prefix` ([1, P] token ids), repeated for `rows` rows, as the
+    (keyword, cache) the next forward takes; None where the model gives no cache (gradient
+    checkpointing turns caching off). Computed with gradients: they reach the prefix's
+    adapters once, summed over the rows that used it."""
+    out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1)
+    # transformers renamed `past_key_values` to `cache` (outputs and forward) during 5.x.
+    keyword = "cache" if "cache" in out else "past_key_values"
+    cache = out.get(keyword)
+    if cache is None:
+        return None
+    cache.batch_repeat_interleave(rows)
+    return keyword, cache
+
+
+def mask_answer_logits(model, input_ids, attention_mask, rows, positions, **forward) -> torch.Tensor:
     """[len(rows), vocab] logits at (rows[i], positions[i]) through the model's forward.
 
     transformers' `logits_to_keep` takes a boolean [batch, length] mask and returns the kept
@@ -142,41 +164,60 @@ def mask_answer_logits(model, input_ids, attention_mask, rows, positions) -> tor
         raise ValueError("answer targets must be listed row by row, positions increasing")
     keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
     keep[rows, positions] = True
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep,
+                   **forward).logits
     if logits.dim() != 2 or logits.shape[0] != rows.numel():
         raise ValueError(f"logits_to_keep with a mask gave logits of shape {tuple(logits.shape)}")
     return logits
 
 
-def union_answer_logits(model, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+def union_answer_logits(model, input_ids, attention_mask, rows, positions, **forward) -> torch.Tensor:
     """The same logits from the union of the answer positions (a 1-D `logits_to_keep`, kept for
     every row), for models without mask support: more head work, the same values."""
     union, index = torch.unique(positions, return_inverse=True)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=union).logits
+                   logits_to_keep=union, **forward).logits
     return logits[rows, index]
 
 
-@contextlib.contextmanager
-def training_attention(model: torch.nn.Module, device: torch.device):
-    """Eager attention while training on a CPU. Measured on smollm2-135m (bench/profile_step.py):
-    PyTorch's CPU SDPA kernel with a padding mask took 30% of a training step on these short
-    (~110-token) sequences, and eager attention made the step 1.26x faster. GPUs keep SDPA."""
-    lm = unwrap(model)
-    setter = getattr(lm, "set_attn_implementation", None)
-    previous = getattr(getattr(lm, "config", None), "_attn_implementation", None)
-    if device.type != "cpu" or setter is None or previous in (None, "eager"):
-        yield
-        return
-    try:
-        setter("eager")
-    except (ValueError, ImportError):  # a model without an eager path keeps its own
-        yield
-        return
-    try:
-        yield
-    finally:
-        setter(previous)
+# Micro-batches on a CPU hold at most this many padded tokens (rows × longest sequence), and
+# eager attention is used up to this sequence width (docs/PERFORMANCE.md, "Memory").
+CPU_MICRO_BATCH_TOKENS = 1024
+EAGER_MAX_WIDTH = 256
+
+
+class TrainingAttention:
+    """The attention kernel per micro-batch while training on a CPU.
+
+    Eager attention is faster on short sequences (PyTorch's CPU SDPA kernel with a padding
+    mask took 30% of a ~110-token smollm2 step; eager made the step 1.26× faster) but keeps
+    every layer's [batch, heads, width, width] weights for backward: at 512 tokens that is most
+    of the step's memory. So: eager up to EAGER_MAX_WIDTH tokens, the model's own (SDPA) above.
+    GPUs keep the model's own kernel throughout."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.lm = unwrap(model)
+        self.setter = getattr(self.lm, "set_attn_implementation", None)
+        self.original = getattr(getattr(self.lm, "config", None), "_attn_implementation", None)
+        self.enabled = device.type == "cpu" and self.setter is not None and self.original not in (None, "eager")
+        self.current = self.original
+
+    def use_for(self, width: int) -> None:
+        if not self.enabled:
+            return
+        wanted = "eager" if width <= EAGER_MAX_WIDTH else self.original
+        if wanted != self.current:
+            try:
+                self.setter(wanted)
+            except (ValueError, ImportError):  # a model without an eager path keeps its own
+                self.enabled = False
+                return
+            self.current = wanted
+
+    def restore(self) -> None:
+        if self.enabled and self.current != self.original:
+            self.setter(self.original)
+            self.current = self.original
 
 
 @contextlib.contextmanager
@@ -289,6 +330,28 @@ def _steps(order: list[int], step_size: int) -> list[list[int]]:
     return [order[i : i + step_size] for i in range(0, len(order), step_size)]
 
 
+def micro_batch_chunks(indices: list[int], lengths: list[int], batch_size: int, budget: int | None) -> list[list[int]]:
+    """A step's examples in micro-batches of at most `batch_size` rows and, with a `budget`, at
+    most `budget` padded tokens (rows × the longest; one row at least).
+
+    A chunk within the budget keeps its order, so short data trains exactly as without one; a
+    chunk over it is split longest first, so that rows of similar length share a micro-batch.
+    The step's loss and gradient are the same either way (normalised by the step's tokens)."""
+    chunks = []
+    for chunk in _steps(indices, batch_size):
+        if budget is None or len(chunk) * max(lengths[i] for i in chunk) <= budget:
+            chunks.append(chunk)
+            continue
+        current: list[int] = []
+        for i in sorted(chunk, key=lambda i: -lengths[i]):
+            if current and (len(current) + 1) * lengths[current[0]] > budget:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        chunks.append(current)
+    return chunks
+
+
 LENGTH_WINDOW_STEPS = 16
 
 
@@ -316,11 +379,15 @@ def train_stage(
     progress: bool = True,
 ) -> dict:
     """Train `model` on `items` for one stage; return throughput and loss statistics."""
-    with training_attention(model, services.device), bf16_fast_paths(model, services.precision):
-        return _train_stage(model, method, stage, items, settings, services, progress)
+    attention = TrainingAttention(model, services.device)
+    try:
+        with bf16_fast_paths(model, services.precision):
+            return _train_stage(model, method, stage, items, settings, services, progress, attention)
+    finally:
+        attention.restore()
 
 
-def _train_stage(model, method, stage, items, settings, services, progress) -> dict:
+def _train_stage(model, method, stage, items, settings, services, progress, attention) -> dict:
     model.train()
     use_fast_dropout(model)
     optimizer = method.build_optimizer(model, settings.lr)
@@ -356,10 +423,9 @@ def _train_stage(model, method, stage, items, settings, services, progress) -> d
             trace_shard(ranks.rank, stage.index, shard)
             micro_batches = [
                 services.to_device(collate_train([encoded[i] for i in chunk], services.arch, services.encoder.pad_id))
-                for chunk in _steps(shard, settings.batch_size)
+                for chunk in micro_batch_chunks(shard, lengths, settings.batch_size, settings.micro_batch_tokens)
             ]
-            computed_tokens += sum(b["input_ids"].numel() + b.get("labels", b["input_ids"][:, :0]).numel()
-                                   for b in micro_batches)
+            computed_tokens += sum(services.computed_tokens(b) for b in micro_batches)
             answer_tokens += step_targets
             # With sharded base weights every forward is a collective: a rank with fewer
             # micro-batches runs fillers (a copy of one of the step's examples) that count zero.
@@ -372,6 +438,7 @@ def _train_stage(model, method, stage, items, settings, services, progress) -> d
             for k, batch in enumerate(micro_batches):
                 weight = 1.0 if k < real else 0.0
                 share = weight * num_targets(batch) / step_targets
+                attention.use_for(batch["input_ids"].shape[1])
                 loss_sum, logits = services.task_loss_sum(model, batch)
                 task_loss = loss_sum / step_targets if weight else loss_sum * 0.0
                 extras = method.extra_losses(model, batch, logits)
@@ -401,6 +468,7 @@ def _train_stage(model, method, stage, items, settings, services, progress) -> d
                 running[name] = running.get(name, 0.0) + value
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
+            services.on_trained(len(step_indices))
             if step % settings.log_every == 0 or step == total_steps:
                 last_logged = {k: v / step for k, v in running.items()}
                 log.info(

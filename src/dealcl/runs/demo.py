@@ -1,0 +1,116 @@
+"""`dealcl demo` (`make demo`): the TC sequence with SeqLoRA and the zero-shot reference on the
+embedded model, sized to this machine.
+
+A quick probe (two training steps and one answer batch on the real model, ~10 s) measures
+what a training example and an answer cost here; the demo then takes the largest caps whose
+expected time fits its budget, says at the start how long it expects to take, and shows one
+progress bar for each whole run. A demo folder that already holds a run keeps its caps, so
+running the demo again continues or re-reads it instead of starting over.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.benchmarks import resolve_sequence
+from ..data.loading import default_data_dir, load_task
+from .config import RunConfig, config_from_dict
+from .progress import Workload
+from .store import RunStore
+
+# (training, test) examples per task, largest first: the demo takes the first that fits.
+CAPS = [(96, 40), (64, 32), (48, 24), (32, 16)]
+BUDGET_SECONDS = 240  # the runs' expected time, after loading and the probe
+MODEL = "smollm2-135m"
+
+
+def _print_err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def probe(model_name: str, task_name: str, precision: str = "auto") -> tuple[float, float, str]:
+    """(seconds per training example, seconds per answer, precision) on this machine: two
+    LoRA steps of batch 8 after a warm-up one, and one answer batch of 8, on `task_name`."""
+    from ..methods import REGISTRY, Stage
+    from ..models.loading import load_model
+    from ..train.batching import PromptEncoder
+    from ..train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
+    from ..eval.generate import generate_answers
+
+    device = torch.device("cpu")
+    precision = resolve_precision(precision, device)
+    task = load_task(task_name, default_data_dir(), train_per_task=24, test_per_task=8)
+    loaded = load_model(model_name)
+    services = TrainingServices(PromptEncoder(loaded.tokenizer, loaded.arch), loaded.arch, precision, device)
+    started = time.perf_counter()
+    answers, _ = generate_answers(loaded.model, services.encoder, task, [e.sentence for e in task.test],
+                                  arch=loaded.arch, batch_size=8, device=device, autocast=services.autocast,
+                                  progress=False)
+    answer_seconds = (time.perf_counter() - started) / len(answers)
+    method = REGISTRY["seqlora"](REGISTRY["seqlora"].config_class(), services)
+    with torch.random.fork_rng(devices=[]):
+        model = method.prepare_model(loaded.model)
+        items = [(task, e) for e in task.train]
+        settings = TrainSettings(lr=1e-4, batch_size=8)
+        train_stage(model, method, Stage(1, task.name, [task]), items[:8], settings, services, progress=False)
+        stats = train_stage(model, method, Stage(2, task.name, [task]), items[8:], settings, services, progress=False)
+    return stats["train_seconds"] / stats["train_examples"], answer_seconds, precision
+
+
+def workload(tasks: list[str], train: int, test: int, sizes: dict[str, tuple[int, int]]) -> Workload:
+    """SeqLoRA's run over `tasks` at the caps (the zero-shot run re-reads its stage 0)."""
+    n_train = [min(train, sizes[t][0]) for t in tasks]
+    n_test = [min(test, sizes[t][1]) for t in tasks]
+    seen = sum(sum(n_test[: k + 1]) for k in range(len(tasks)))
+    return Workload(sum(n_train), sum(n_test) + seen)
+
+
+def existing_caps(run_dir: Path) -> tuple[int, int] | None:
+    store = RunStore(run_dir)
+    if not store.is_run():
+        return None
+    config = config_from_dict(store.read_run_yaml()["config"])
+    return config.train_per_task, config.test_per_task
+
+
+def choose_caps(tasks: list[str], sizes: dict[str, tuple[int, int]], costs: tuple[float, float],
+                budget: float = BUDGET_SECONDS) -> tuple[int, int, float]:
+    """The largest caps whose expected time fits `budget` (the smallest ones otherwise)."""
+    for train, test in CAPS:
+        expected = workload(tasks, train, test, sizes).seconds(*costs)
+        if expected <= budget:
+            return train, test, expected
+    train, test = CAPS[-1]
+    return train, test, workload(tasks, train, test, sizes).seconds(*costs)
+
+
+def run_demo(output: Path, *, model: str = MODEL, progress: bool = True, say=_print_err) -> list[Path]:
+    """Run the demo into `output`/{seqlora,zero-shot}; returns the two run folders."""
+    from ..train.hardware import host_description
+    from .driver import run_continual
+
+    tasks = resolve_sequence("tc", None, None)
+    runs = [output / "seqlora", output / "zero-shot"]
+    caps = existing_caps(runs[0])
+    say(f"this machine: {host_description()}")
+    if caps is None:
+        data = default_data_dir()
+        sizes = {t: (len(load_task(t, data).train), len(load_task(t, data).test)) for t in tasks}
+        say("probing this machine's speed on the embedded model (two training steps, one answer batch) …")
+        train_cost, answer_cost, precision = probe(model, tasks[0])
+        train, test, expected = choose_caps(tasks, sizes, (train_cost, answer_cost))
+        say(f"measured {train_cost:.2f} s per training example and {answer_cost:.2f} s per answer ({precision}): "
+            f"{train} training and {test} test examples per task, about {expected / 60:.0f} min for the runs")
+        costs = (train_cost, answer_cost)
+    else:
+        train, test = caps
+        costs = None
+        say(f"continuing the demo in {output} ({train} training and {test} test examples per task)")
+    for method, run_dir in zip(("seqlora", "zero-shot"), runs):
+        config = RunConfig(method=method, model=model, benchmark="tc", train_per_task=train, test_per_task=test)
+        say(f"== {method}: {' → '.join(tasks)}")
+        run_continual(config, run_dir, progress=progress, costs=costs)
+    return runs
