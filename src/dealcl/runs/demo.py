@@ -31,11 +31,11 @@ def _print_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def probe(model_name: str, task_name: str, precision: str = "auto") -> tuple[float, float, str]:
+def probe(loaded, task_name: str, precision: str = "auto") -> tuple[float, float, str]:
     """(seconds per training example, seconds per answer, precision) on this machine: two
-    LoRA steps of batch 8 after a warm-up one, and one answer batch of 8, on `task_name`."""
+    LoRA steps of batch 8 after a warm-up one, and one answer batch of 8, on `task_name`.
+    The LoRA is removed afterwards: `loaded.model` is the untouched model again."""
     from ..methods import REGISTRY, Stage
-    from ..models.loading import load_model
     from ..train.batching import PromptEncoder
     from ..train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
     from ..eval.generate import generate_answers
@@ -43,7 +43,6 @@ def probe(model_name: str, task_name: str, precision: str = "auto") -> tuple[flo
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
     task = load_task(task_name, default_data_dir(), train_per_task=24, test_per_task=8)
-    loaded = load_model(model_name)
     services = TrainingServices(PromptEncoder(loaded.tokenizer, loaded.arch), loaded.arch, precision, device)
     started = time.perf_counter()
     answers, _ = generate_answers(loaded.model, services.encoder, task, [e.sentence for e in task.test],
@@ -57,6 +56,7 @@ def probe(model_name: str, task_name: str, precision: str = "auto") -> tuple[flo
         settings = TrainSettings(lr=1e-4, batch_size=8)
         train_stage(model, method, Stage(1, task.name, [task]), items[:8], settings, services, progress=False)
         stats = train_stage(model, method, Stage(2, task.name, [task]), items[8:], settings, services, progress=False)
+    loaded.model = model.unload()
     return stats["train_seconds"] / stats["train_examples"], answer_seconds, precision
 
 
@@ -89,6 +89,7 @@ def choose_caps(tasks: list[str], sizes: dict[str, tuple[int, int]], costs: tupl
 
 def run_demo(output: Path, *, model: str = MODEL, progress: bool = True, say=_print_err) -> list[Path]:
     """Run the demo into `output`/{seqlora,zero-shot}; returns the two run folders."""
+    from ..models.loading import load_model
     from ..train.hardware import host_description
     from .driver import run_continual
 
@@ -100,17 +101,19 @@ def run_demo(output: Path, *, model: str = MODEL, progress: bool = True, say=_pr
         data = default_data_dir()
         sizes = {t: (len(load_task(t, data).train), len(load_task(t, data).test)) for t in tasks}
         say("probing this machine's speed on the embedded model (two training steps, one answer batch) …")
-        train_cost, answer_cost, precision = probe(model, tasks[0])
+        loaded = load_model(model)  # the probe's model is the first run's: one copy in memory
+        train_cost, answer_cost, precision = probe(loaded, tasks[0])
         train, test, expected = choose_caps(tasks, sizes, (train_cost, answer_cost))
         say(f"measured {train_cost:.2f} s per training example and {answer_cost:.2f} s per answer ({precision}): "
             f"{train} training and {test} test examples per task, about {expected / 60:.0f} min for the runs")
         costs = (train_cost, answer_cost)
     else:
         train, test = caps
-        costs = None
+        costs, loaded = None, None
         say(f"continuing the demo in {output} ({train} training and {test} test examples per task)")
     for method, run_dir in zip(("seqlora", "zero-shot"), runs):
         config = RunConfig(method=method, model=model, benchmark="tc", train_per_task=train, test_per_task=test)
         say(f"== {method}: {' → '.join(tasks)}")
-        run_continual(config, run_dir, progress=progress, costs=costs)
+        run_continual(config, run_dir, progress=progress, costs=costs, loaded=loaded)
+        loaded = None  # the next run loads its own untouched model
     return runs
