@@ -136,3 +136,16 @@ def test_shared_prefix_gradient_equals_unshared_on_one_batch(toy_data):
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-7)
+
+
+def test_importing_dealcl_caps_the_onednn_kernel_cache_unless_the_user_set_it():
+    """The cap must be in the environment before torch loads oneDNN; a user's value wins."""
+    import os
+    import subprocess
+    import sys
+
+    show = "import dealcl, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True).stdout.strip() == "64"
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "8"
+    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True).stdout.strip() == "8"
