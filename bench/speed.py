@@ -351,18 +351,16 @@ def part_scaling(sizes: dict) -> dict:
 
 def part_demo_probe(sizes: dict) -> dict:
     from dealcl.data.benchmarks import resolve_sequence
-    from dealcl.data.loading import default_data_dir, load_task
     from dealcl.models.loading import load_model
-    from dealcl.runs.demo import BUDGET_SECONDS, choose_caps, probe
+    from dealcl.runs.demo import BUDGET_SECONDS, choose_caps, probe, task_sizes
 
     tasks = resolve_sequence("tc", None, None)
-    data = default_data_dir()
-    task_sizes = {t: (len(load_task(t, data).train), len(load_task(t, data).test)) for t in tasks}
+    sizes_of = task_sizes(tasks)
     started = time.perf_counter()
     loaded = load_model(MODEL)
     train_cost, answer_cost, precision = probe(loaded, tasks[0])
     probe_seconds = time.perf_counter() - started
-    train, test, expected = choose_caps(tasks, task_sizes, (train_cost, answer_cost), BUDGET_SECONDS[precision])
+    train, test, expected = choose_caps(tasks, sizes_of, (train_cost, answer_cost), BUDGET_SECONDS[precision])
     return {"train_cost_s": train_cost, "answer_cost_s": answer_cost, "precision": precision, "caps": [train, test],
             "expected_runs_s": expected, "load_and_probe_s": probe_seconds}
 

@@ -62,6 +62,12 @@ def probe(loaded, task_name: str, precision: str = "auto") -> tuple[float, float
     return stats["train_seconds"] / stats["train_examples"], answer_seconds, precision
 
 
+def task_sizes(tasks: list[str]) -> dict[str, tuple[int, int]]:
+    """(training, test) examples in each task's files, each task read once."""
+    data = default_data_dir()
+    return {t: (len(task.train), len(task.test)) for t in tasks for task in [load_task(t, data)]}
+
+
 def workload(tasks: list[str], train: int, test: int, sizes: dict[str, tuple[int, int]]) -> Workload:
     """SeqLoRA's run over `tasks` at the caps (the zero-shot run re-reads its stage 0)."""
     n_train = [min(train, sizes[t][0]) for t in tasks]
@@ -100,8 +106,7 @@ def run_demo(output: Path, *, model: str = MODEL, progress: bool = True, say=_pr
     caps = existing_caps(runs[0])
     say(f"this machine: {host_description()}")
     if caps is None:
-        data = default_data_dir()
-        sizes = {t: (len(load_task(t, data).train), len(load_task(t, data).test)) for t in tasks}
+        sizes = task_sizes(tasks)
         say("probing this machine's speed on the embedded model (two training steps, one answer batch) …")
         loaded = load_model(model)  # the probe's model is the first run's: one copy in memory
         train_cost, answer_cost, precision = probe(loaded, tasks[0])
