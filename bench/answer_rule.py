@@ -27,7 +27,7 @@ from dealcl.eval.metrics import exact_match  # noqa: E402
 from dealcl.methods.seqlora import SeqLora, SeqLoraConfig  # noqa: E402
 from dealcl.methods.base import Stage  # noqa: E402
 from dealcl.models.loading import load_model  # noqa: E402
-from dealcl.train.batching import PromptEncoder  # noqa: E402
+from dealcl.prompts import PromptEncoder  # noqa: E402
 from dealcl.train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from dealcl.data.loading import default_data_dir, load_task
 from dealcl.methods import REGISTRY, Stage
 from dealcl.models.loading import load_model
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 from dealcl.train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
 
 

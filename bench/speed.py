@@ -90,7 +90,7 @@ def _task(name: str, train: int, test: int):
 
 
 def _services(loaded, precision: str, share_prefix: bool = True):
-    from dealcl.train.batching import PromptEncoder
+    from dealcl.prompts import PromptEncoder
     from dealcl.train.loop import TrainingServices
 
     encoder = PromptEncoder(loaded.tokenizer, loaded.arch, 512)

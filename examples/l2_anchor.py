@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dealcl.methods import ContinualMethod, LoraOptions, Stage
-from dealcl.methods.lora import load_adapter_tensors, lora_config, save_adapter_tensors, wrap_with_lora
+from dealcl.methods import (
+    ContinualMethod, LoraOptions, Stage, load_adapter_tensors, lora_config, save_adapter_tensors, wrap_with_lora,
+)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dealcl.data.loading import load_task
 from dealcl.eval.generate import MAX_NEW_TOKENS, can_still_match, generate_answers
 from dealcl.eval.metrics import exact_match, normalize_answer
 from dealcl.models.loading import load_model
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 
 FP32 = dict(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False), progress=False)
 

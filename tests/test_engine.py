@@ -18,7 +18,7 @@ from dealcl.data.loading import load_task
 from dealcl.eval.generate import generate_answers
 from dealcl.models.loading import load_model
 from dealcl.runs.driver import run_continual
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])

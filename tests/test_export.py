@@ -57,7 +57,7 @@ def test_export_kind_is_detected_for_methods_that_declare_nothing():
     """A plugin without export_as: plain LoRA → merged; extra modules or inactive adapters → refused."""
     from dealcl.methods import REGISTRY
     from dealcl.methods.base import ContinualMethod, LoraOptions
-    from dealcl.methods.lora import TaskAdapters, lora_config
+    from dealcl.methods._lora import TaskAdapters, lora_config
     from dealcl.runs.export import export_kind
 
     class Plugin(ContinualMethod):

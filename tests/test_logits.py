@@ -9,8 +9,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from dealcl.data.types import Example, Task
 from dealcl.models.tiny import VOCAB_SIZE, byte_tokenizer, tiny_llama
-from dealcl.train.batching import PromptEncoder, collate_train
-from dealcl.train.loop import TrainingServices, mask_answer_logits, union_answer_logits
+from dealcl.prompts import PromptEncoder
+from dealcl.train.batching import collate_train
+from dealcl.train.services import TrainingServices, mask_answer_logits, union_answer_logits
 
 
 def tiny_gemma2(cap: float):

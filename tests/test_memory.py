@@ -12,7 +12,7 @@ from dealcl.data.loading import load_task
 from dealcl.methods import REGISTRY, Stage
 from dealcl.models.loading import load_model
 from dealcl.runs.driver import run_continual
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 from dealcl.train.loop import TrainingAttention, TrainingServices, TrainSettings, micro_batch_chunks, train_stage
 
 

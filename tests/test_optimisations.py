@@ -12,7 +12,8 @@ from conftest import tiny_run_config
 from dealcl.data.loading import load_task
 from dealcl.models.loading import load_model
 from dealcl.runs.driver import run_continual
-from dealcl.train.batching import PromptEncoder, collate_train
+from dealcl.prompts import PromptEncoder
+from dealcl.train.batching import collate_train
 from dealcl.train.loop import TrainingServices
 
 
@@ -132,9 +133,9 @@ def test_bf16_fast_paths_change_no_loss_and_restore_the_weights(toy_data, tmp_pa
     real = loop.bf16_fast_paths
 
     @contextlib.contextmanager
-    def watched(model, precision):
+    def watched(model, precision, adapters):
         before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-        with real(model, precision):
+        with real(model, precision, adapters):
             assert any(p.dtype == torch.bfloat16 for p in model.parameters())
             yield
         after = dict(model.named_parameters())
@@ -145,7 +146,7 @@ def test_bf16_fast_paths_change_no_loss_and_restore_the_weights(toy_data, tmp_pa
     monkeypatch.setattr(loop, "bf16_fast_paths", watched)
     cast_losses, cast_results = run("cast")
     assert seen
-    monkeypatch.setattr(loop, "bf16_fast_paths", lambda model, precision: contextlib.nullcontext())
+    monkeypatch.setattr(loop, "bf16_fast_paths", lambda model, precision, adapters: contextlib.nullcontext())
     plain_losses, plain_results = run("plain")
     assert cast_losses == plain_losses and len(cast_losses[0]) > 0
     assert cast_results["accuracy_matrix"] == plain_results["accuracy_matrix"]
@@ -183,7 +184,7 @@ def test_training_swaps_in_the_fast_dropout_on_lora_modules_only(toy_data):
     from dealcl.methods import Stage
 
     method.on_task_start(model, Stage(1, "toyA", [load_task("toyA", toy_data)]))
-    use_fast_dropout(model)
+    use_fast_dropout(method.adapter_modules(model))
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
     assert any(k is FastDropout for k in kinds.values())
     assert all((k is FastDropout) == ("lora_dropout" in name) for name, k in kinds.items())

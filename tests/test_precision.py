@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from dealcl.methods.projected_adam import ProjectedAdam
+from dealcl.methods._projected_adam import ProjectedAdam
 from dealcl.runs.driver import run_continual
 from dealcl.train.loop import MasterWeights
 

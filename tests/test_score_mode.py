@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dealcl.data.loading import load_task
 from dealcl.eval.score import label_scores, score_answers
 from dealcl.models.loading import load_model
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 
 NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 

@@ -12,7 +12,7 @@ from dealcl.methods.ewc import evenly_spaced
 from dealcl.methods.lwf import distillation_kl, teacher_targets
 from dealcl.methods.replay import buffer_size
 from dealcl.runs.driver import prepare, run_continual
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
 
 
@@ -169,8 +169,9 @@ def test_lwf_kl_zero_for_the_teacher_positive_after_perturbation_and_teacher_com
     calls = []
     handle = body.register_forward_hook(lambda *_: calls.append(1))
     method.on_task_start(model, stages[1])
-    teacher_calls = len(calls)
     items = method.training_items(stages[1])
+    method.before_training(model, stages[1], items)  # the loop's hook, with the items it trains on
+    teacher_calls = len(calls)
 
     def forwards(batch_size: int) -> int:  # a batch whose rows share a prompt prefix computes it first
         return sum(2 if services.share_prefix and b["prefix_len"] else 1 for b in services.batches(items, batch_size))
@@ -193,7 +194,8 @@ def test_lwf_kl_zero_for_the_teacher_positive_after_perturbation_and_teacher_com
     calls.clear()
     train_stage(model, method, stages[1], items, TrainSettings(lr=5e-3, batch_size=4, seed=0), services, progress=False)
     handle.remove()
-    assert len(calls) == forwards(4)  # student forwards only: the teacher never runs again
+    # One teacher pass (the loop calls before_training once), then the student's forwards.
+    assert len(calls) == forwards(method.config.teacher_batch_size) + forwards(4)
     method.on_task_end(model, stages[1])
     assert method.teacher == {}
 

@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_run_config
 from dealcl.methods import REGISTRY
 from dealcl.runs.driver import prepare, run_continual
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
 
 METHODS = sorted(REGISTRY)

@@ -13,7 +13,7 @@ from dealcl.errors import UserError
 from dealcl.methods.deal import DealConfig, DealLoraA, UpdateMLP, haar_retention_filter, theta_shape
 from dealcl.runs.config import method_config
 from dealcl.runs.driver import prepare, run_continual
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
 
 
@@ -237,10 +237,13 @@ def test_deal_code_breaks_the_chain_and_accumulates_a_grad(toy_data_session, tmp
             for k in range(5):
                 assert torch.allclose(stepped[k], torch.stack(fresh_grads[: k + 1]).sum(0), atol=1e-6)
             assert norms[-1] > norms[0] and max(norms) > 1.5 * norms[0]
-            a_numel = sum(w.weight.numel() for w in h.method.wrappers.values())
-            assert stats["trainable_parameters"] == h.trainable() - a_numel  # A outside clipping
+            # A trains, outside the loop's gradient clipping (the hook that says so).
+            assert {id(p) for p in h.method.unclipped_parameters(h.model)} == \
+                {id(w.weight) for w in h.method.wrappers.values()}
+            assert stats["trainable_parameters"] == h.trainable()
         else:  # zeroed every step: only this step's gradient
             assert all(torch.equal(a, b) for a, b in zip(stepped, fresh_grads))
+            assert h.method.unclipped_parameters(h.model) == []
             assert stats["trainable_parameters"] == h.trainable()
         h.method.on_task_end(h.model, h.stages[1])
         assert wrapper.weight.grad is None

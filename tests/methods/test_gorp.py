@@ -8,14 +8,14 @@ import torch
 
 from conftest import tiny_run_config
 from dealcl.errors import UserError
-from dealcl.methods import projected_adam
+from dealcl.methods import _projected_adam as projected_adam
 from dealcl.methods.gorp import Gorp, GorpConfig
-from dealcl.methods.projected_adam import (
+from dealcl.methods._projected_adam import (
     ProjectedAdam, energy_threshold_rank, extend_memory, galore_projector, project_out,
 )
 from dealcl.runs.config import method_config
 from dealcl.runs.driver import prepare, run_continual
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
 
 

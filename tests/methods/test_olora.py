@@ -6,10 +6,10 @@ import torch
 
 from conftest import tiny_run_config
 from dealcl.methods import REGISTRY, Stage
-from dealcl.methods.lora import lora_layers
+from dealcl.methods._lora import lora_layers
 from dealcl.methods.olora import orthogonal_overlap
 from dealcl.runs.driver import prepare, run_continual
-from dealcl.train.batching import PromptEncoder
+from dealcl.prompts import PromptEncoder
 from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
 
 

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from ..data.types import Task
 from ..faults import fault_point
-from ..train.batching import PromptEncoder, common_prefix_length
+from ..prompts import PromptEncoder, common_prefix_length
 from .metrics import normalize_answer
 
 # Upstream's `generation_max_length` (deal_spec.md §2.4, gorp_olora_spec.md §1.2), used as

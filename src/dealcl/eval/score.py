@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from ..data.types import Task
 from ..faults import fault_point
-from ..train.batching import PromptEncoder
-from ..train.loop import unwrap
+from ..prompts import PromptEncoder
+from ..models import unwrap
 from .generate import _left_pad, _right_pad, evaluation_mode
 
 

@@ -9,12 +9,16 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import UserError
-from .base import REGISTRY, ContinualMethod, LoraOptions, MethodConfig, Stage, register
+from ._lora import (
+    TaskAdapters, load_adapter_tensors, lora_config, lora_layers, save_adapter_tensors, wrap_with_lora,
+)
+from .base import REGISTRY, ContinualMethod, LoraOptions, MethodConfig, Stage, TrainItem, register
 
-# Importing a module registers its method: every module of this package is one method (or a
-# helper such as `lora`), so adding a method is adding a file.
+# Importing a module registers its method: every public module of this package is one method,
+# so adding a method is adding a file. Helpers start with "_" (`_lora`, `_projected_adam`).
 for _info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_info.name}")
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 ENTRY_POINT_GROUP = "dealcl.methods"
 
@@ -74,6 +78,8 @@ def list_methods() -> list[type[ContinualMethod]]:
 
 
 __all__ = [
-    "ContinualMethod", "MethodConfig", "LoraOptions", "Stage", "register", "resolve_method", "list_methods",
-    "REGISTRY",
+    "ContinualMethod", "MethodConfig", "LoraOptions", "Stage", "TrainItem", "register", "resolve_method",
+    "list_methods", "REGISTRY",
+    # the LoRA plumbing a method file may use (methods/_lora)
+    "TaskAdapters", "load_adapter_tensors", "lora_config", "lora_layers", "save_adapter_tensors", "wrap_with_lora",
 ]

@@ -1,4 +1,4 @@
-"""The contract between a continual method and the one training loop.
+"""The contract between a continual method and the engine: this file and train/services.py.
 
 A method is a config dataclass plus a subclass of `ContinualMethod` that overrides only the hooks
 it needs (the Avalanche idea, see ../shared/docs/STYLE.md). The driver calls the hooks in this
@@ -8,39 +8,32 @@ order for every stage:
     on_task_start            create this task's adapter, choose what trains
     training_items           what the stage trains on (Replay mixes a buffer in, MTL joins tasks)
     build_optimizer          AdamW by default; GORP brings its projected Adam
-      per step: extra_losses → backward → after_backward → clip → step
+    before_training          the exact items the loop trains on (LwF's teacher pass)
+      per step: extra_losses → backward → after_backward → clip (all but unclipped_parameters) → step
     on_task_end              fold, merge, build memories
     save_state / load_state  everything needed to rebuild the model after this stage
     eval_model               the model used to evaluate one task (PerTask picks its own adapter)
     eval_fingerprint         lets the driver reuse predictions when the model is provably unchanged
 
-The training loop never names a method; a method never needs to read the loop.
+What a method may use is `self.services` (train/services.py: encoder, seed and generators,
+autocast, the answer-only forward, processes) and the LoRA plumbing in `methods/_lora`. The
+training loop never names a method; a method never needs to read the loop.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 
-from ..data.types import Example, Task
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..train.loop import TrainingServices
-
-
-@dataclass
-class Stage:
-    """One step of a continual run: train on `train_tasks`, then evaluate.
-
-    `index` counts from 1; `name` names the output folders (`<index>-<name>`)."""
-
-    index: int
-    name: str
-    train_tasks: list[Task]
+from ..data.types import Task
+from ..errors import UserError
+from ..train.hooks import Stage, TrainItem
+from ..train.services import TrainingServices
 
 
 @dataclass
@@ -61,8 +54,17 @@ class LoraOptions(MethodConfig):
     dropout: float = 0.1
     target_modules: list[str] | None = None
 
-
-TrainItem = tuple[Task, Example]
+    def validate(self) -> None:
+        """Checked once for every LoRA method; a subclass with options of its own extends it
+        (calling `super().validate()`)."""
+        if self.rank is not None and self.rank < 1:
+            raise UserError(f"method.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise UserError(f"method.alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"method.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise UserError("method.target_modules must name at least one module (or be null for q,v)")
 
 
 class ContinualMethod:
@@ -99,7 +101,7 @@ class ContinualMethod:
         """The default learning rate for `model`: its swept value, else the calibrated one."""
         return cls.__dict__.get("tuned_lrs", {}).get(model, cls.default_lr)
 
-    def __init__(self, config: MethodConfig, services: "TrainingServices") -> None:
+    def __init__(self, config: MethodConfig, services: TrainingServices) -> None:
         self.config = config
         self.services = services
 
@@ -123,6 +125,27 @@ class ContinualMethod:
     def build_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         # Upstream: HF Trainer defaults (AdamW, betas 0.9/0.999, eps 1e-8, no weight decay).
         return torch.optim.AdamW(self.trainable_parameters(model), lr=lr, weight_decay=0.0)
+
+    def before_training(self, model: torch.nn.Module, stage: Stage, items: list[TrainItem]) -> None:
+        """Called by the loop after `build_optimizer`, with the very list it trains on: the
+        `indices` of every batch it builds are positions in `items`."""
+
+    def unclipped_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Optimizer parameters the loop leaves out of gradient-norm clipping (none by default)."""
+        return []
+
+    def adapter_modules(self, model: torch.nn.Module) -> set[torch.nn.Module]:
+        """The modules of the method's adapters: the loop keeps their weights in fp32 under bf16
+        and gives their dropouts the fast CPU mask. Default: every submodule of a PEFT tuner
+        layer (LoRA's A, B, dropout and whatever a method puts there) except the base layer."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        found: set[torch.nn.Module] = set()
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                base = set(module.get_base_layer().modules())
+                found |= {m for m in module.modules() if m is not module and m not in base}
+        return found
 
     def extra_losses(self, model: torch.nn.Module, batch: dict[str, Any], answer_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named loss terms added to the task loss of one micro-batch (already normalised)."""
@@ -173,6 +196,6 @@ def count_parameters(params) -> int:
 
 
 __all__ = [
-    "ContinualMethod", "MethodConfig", "LoraOptions", "Stage", "TrainItem", "REGISTRY", "register",
+    "ContinualMethod", "MethodConfig", "LoraOptions", "Stage", "TrainItem", "TrainingServices", "REGISTRY", "register",
     "count_parameters", "field",
 ]

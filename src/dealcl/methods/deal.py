@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from .base import ContinualMethod, LoraOptions, Stage, register
-from .lora import lora_config, lora_layers, wrap_with_lora
+from ._lora import lora_config, lora_layers, wrap_with_lora
 
 ADAPTER = "default"
 STATE_FILE = "deal_state.safetensors"
@@ -172,12 +172,7 @@ class DealConfig(LoraOptions):
     reg_powered: bool = False
 
     def validate(self) -> None:
-        if self.rank is not None and self.rank < 1:
-            raise UserError(f"method.rank must be a positive integer, got {self.rank}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"method.alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        super().validate()
         if self.mlp_hidden < 1:
             raise UserError(f"method.mlp_hidden must be a positive integer, got {self.mlp_hidden}")
         for key in ("lambda1", "lambda2"):
@@ -197,36 +192,6 @@ class DealCodeConfig(DealConfig):
     # Reproduce §1.8: A's gradient is never zeroed (A gets the running sum of every gradient since
     # the task began) and A is left out of gradient clipping. Only for faithful reproduction.
     accumulate_a_grad_bug: bool = False
-
-
-# ---- the optimizer used with the gradient-accumulation bug --------------------------------------
-class _SplitOptimizer(torch.optim.Optimizer):
-    """AdamW over everything, with A in a side optimizer the loop cannot see: the loop clips and
-    zeroes only `param_groups` (θ, MLP, B), so A is excluded from clipping as upstream (§1.8)."""
-
-    def __init__(self, main: torch.optim.Optimizer, side: torch.optim.Optimizer) -> None:
-        self.main, self.side = main, side
-        self.defaults = main.defaults
-        self.state = main.state
-
-    @property
-    def param_groups(self):  # what the loop reads for clipping and parameter counts
-        return self.main.param_groups
-
-    def step(self, closure=None):
-        self.side.step()
-        return self.main.step(closure)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.main.zero_grad(set_to_none=set_to_none)
-        self.side.zero_grad(set_to_none=set_to_none)  # the running sum lives in the method's buffer
-
-    def state_dict(self):
-        return {"main": self.main.state_dict(), "side": self.side.state_dict()}
-
-    def load_state_dict(self, state):
-        self.main.load_state_dict(state["main"])
-        self.side.load_state_dict(state["side"])
 
 
 # ---- the methods -------------------------------------------------------------------------------
@@ -312,15 +277,12 @@ class Deal(ContinualMethod):
         self.grad_sums = {}
         self._set_trainable(stage.index)
 
-    def build_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        params = self.trainable_parameters(model)
-        if not (self.wrappers and getattr(self.config, "accumulate_a_grad_bug", False)):
-            return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        a_ids = {id(w.weight) for w in self.wrappers.values()}
-        main = [p for p in params if id(p) not in a_ids]
-        side = [p for p in params if id(p) in a_ids]
-        return _SplitOptimizer(torch.optim.AdamW(main, lr=lr, weight_decay=0.0),
-                               torch.optim.AdamW(side, lr=lr, weight_decay=0.0))
+    def _reproduces_a_grad_bug(self) -> bool:
+        return bool(self.wrappers) and bool(getattr(self.config, "accumulate_a_grad_bug", False))
+
+    def unclipped_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        # §1.8: upstream's A is outside model.parameters(), so its clipping never sees it.
+        return [w.weight for w in self.wrappers.values()] if self._reproduces_a_grad_bug() else []
 
     def regularizer(self) -> torch.Tensor:
         """Σ_modules λ1·‖θ‖_p1 + λ2·‖vec(MLP params)‖_p2 (deal_spec.md §1.7), in fp32.
@@ -363,14 +325,13 @@ class Deal(ContinualMethod):
         return {"reg": self.regularizer()}
 
     def after_backward(self, model: torch.nn.Module) -> None:
-        if not (self.wrappers and getattr(self.config, "accumulate_a_grad_bug", False)):
+        if not self._reproduces_a_grad_bug():
             return
         # deal_spec.md §1.8: upstream's raw A falls out of model.parameters() after the first
         # forward, so zero_grad never clears it and every step adds to it. Reproduced with a
-        # running sum per A: this step's gradient is added, and A steps on the whole sum.
-        wrappers = list(self.wrappers.items())
-        self.services.processes.sum_gradients([w.weight for _, w in wrappers])  # A is outside the loop's all-reduce
-        for name, wrapper in wrappers:
+        # running sum per A: this step's gradient (summed over ranks by the loop) is added, and A
+        # steps on the whole sum.
+        for name, wrapper in self.wrappers.items():
             grad = wrapper.weight.grad
             if grad is None:
                 continue

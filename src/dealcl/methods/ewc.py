@@ -41,6 +41,7 @@ class EwcConfig(LoraOptions):
     fisher_examples: int = 200
 
     def validate(self) -> None:
+        super().validate()
         if self.ewc_lambda < 0:
             raise UserError(f"method.ewc_lambda must not be negative, got {self.ewc_lambda}")
         if self.fisher_examples < 1:

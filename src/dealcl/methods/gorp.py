@@ -68,13 +68,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..models import unwrap
+from ._lora import TaskAdapters, is_seq2seq, lora_config, lora_layers
 from .base import ContinualMethod, LoraOptions, Stage, register
-from .lora import default_targets, is_seq2seq, model_type, wrap_with_lora
-from .projected_adam import (  # noqa: F401 (re-exported: the math lives with the optimizer)
+from ._projected_adam import (  # noqa: F401 (re-exported: the math lives with the optimizer)
     ProjectedAdam, energy_threshold_rank, extend_memory, full_space_moment, project_out,
 )
 
@@ -85,7 +85,7 @@ LORA_TARGETS = {"t5": r".*SelfAttention\.(q|v)", "mt5": r".*SelfAttention\.(q|v)
                 "llama": r".*self_attn\.(q_proj|v_proj)"}
 GALORE_TARGETS_SEQ2SEQ = [r".*EncDecAttention\.(q|v)"]
 GALORE_TARGETS_CAUSAL = [r".*mlp\.gate_proj"]
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: LoRA tensors per adapter (TaskAdapters), not per model parameter name
 
 
 @dataclass
@@ -117,35 +117,22 @@ class GorpConfig(LoraOptions):
     eps: float = 1e-6
 
     def validate(self) -> None:
+        super().validate()
         for key in ("galore_rank", "galore_gap"):
             value = getattr(self, key)
             if value < 1:
                 raise UserError(f"method.{key} must be a positive integer, got {value!r}")
-        if self.rank is not None and self.rank < 1:
-            raise UserError(f"method.rank must be a positive integer, got {self.rank!r}")
         for key in ("galore_lr", "galore_scale", "eps"):
             value = getattr(self, key)
             if not value > 0 or not math.isfinite(value):
                 raise UserError(f"method.{key} must be positive, got {value!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"method.alpha must be positive, got {self.alpha!r}")
         if not 0.0 < self.energy_threshold <= 1.0:
             raise UserError(f"method.energy_threshold must be in (0, 1], got {self.energy_threshold!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"method.dropout must be in [0, 1), got {self.dropout!r}")
         for pattern in self.galore_targets or []:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise UserError(f"method.galore_targets: invalid regex {pattern!r} ({exc})") from None
-
-
-def _is_regex(text: str) -> bool:
-    return any(ch in text for ch in "*()|[]\\+?^$")
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @register
@@ -165,32 +152,18 @@ class Gorp(ContinualMethod):
 
     def __init__(self, config: GorpConfig, services) -> None:
         super().__init__(config, services)
-        self.adapters: list[str] = []  # one PEFT adapter per task so far, "task1", "task2", ...
+        self.adapters: TaskAdapters | None = None  # one PEFT adapter per task so far, "task1", "task2", ...
         self.current: str | None = None  # the adapter the current (or last) task trains
         self.g_names: list[str] = []  # modules whose weights train full-rank (names in the HF model)
         # "galore:<module>" → M ∈ ℝ^{m×k} (output space); "lora_a:<module>" → Q ∈ ℝ^{d_in×k}.
         self.memory: dict[str, torch.Tensor] = {}
         self._optimizer: ProjectedAdam | None = None
-        self._seed = 0
 
-    # ---- model structure ---------------------------------------------------------------------
-    def _lora_config(self, model: torch.nn.Module) -> LoraConfig:
-        options = self.config
-        targets = options.target_modules
-        if targets is None:
-            target: str | list[str] = LORA_TARGETS.get(model_type(model)) or default_targets(model)
-        elif len(targets) == 1 and _is_regex(targets[0]):
-            target = targets[0]
-        else:
-            target = list(targets)
-        return LoraConfig(
-            r=options.rank or self.default_rank,
-            lora_alpha=options.alpha or self.default_alpha,
-            lora_dropout=options.dropout,
-            target_modules=target,
-            bias="none",
-            task_type="SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM",
-        )
+    # ---- model structure ----------------------------------------------------------------------
+    def _adapters(self, model: torch.nn.Module) -> TaskAdapters:
+        # Self-attention q,v by default; inits seeded apart from the other LoRA methods' (+100).
+        config = lora_config(model, self.config, self.default_rank, self.default_alpha, targets=LORA_TARGETS)
+        return TaskAdapters(config, self.services.seed, init_offset=100, file_stem="gorp_lora")
 
     def _galore_patterns(self, model: torch.nn.Module) -> list[str]:
         if self.config.galore_targets is not None:
@@ -200,7 +173,7 @@ class Gorp(ContinualMethod):
     def _find_g_names(self, model: torch.nn.Module) -> list[str]:
         patterns = [re.compile(p) for p in self._galore_patterns(model)]
         names = []
-        for name, module in _unwrap(model).named_modules():
+        for name, module in unwrap(model).named_modules():
             if "lora_" in name or not isinstance(module, torch.nn.Linear):
                 continue
             clean = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
@@ -212,47 +185,21 @@ class Gorp(ContinualMethod):
 
     def g_weights(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         """(module name, weight) of every full-rank target, in model order."""
-        modules = dict(_unwrap(model).named_modules())
+        modules = dict(unwrap(model).named_modules())
         return [(name, modules[name].weight) for name in self.g_names]
 
     @staticmethod
     def lora_modules(model: torch.nn.Module):
-        from peft.tuners.lora import LoraLayer
-
-        return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, LoraLayer)]
-
-    def _init_adapter(self, model: torch.nn.Module, adapter: str, index: int) -> None:
-        """PEFT's init (Kaiming-uniform A, zero B) from a generator seeded by run seed and task."""
-        generator = torch.Generator().manual_seed(self._seed * 1000 + 100 + index)
-        with torch.no_grad():
-            for _name, layer in self.lora_modules(model):
-                weight = layer.lora_A[adapter].weight
-                fresh = torch.empty(weight.shape, dtype=torch.float32)
-                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-                weight.copy_(fresh)
-                layer.lora_B[adapter].weight.zero_()
-
-    def _add_adapter(self, model: torch.nn.Module) -> str:
-        name = f"task{len(self.adapters) + 1}"
-        with torch.random.fork_rng(devices=[]):
-            model.add_adapter(name, self._lora_config(model))
-        self.adapters.append(name)
-        return name
+        """(name in the transformers model, PEFT LoRA layer): the names key the LoRA-A memory."""
+        return lora_layers(unwrap(model))
 
     def _activate(self, model: torch.nn.Module, trainable: str | None) -> None:
         """All adapters active (summed); only `trainable`'s LoRA and the G weights train."""
-        model.base_model.set_adapter(list(self.adapters))
-        g_ids = {id(w) for _, w in self.g_weights(model)}
-        for name, parameter in model.named_parameters():
-            is_current = trainable is not None and ".lora_" in name and f".{trainable}." in name
-            parameter.requires_grad_(is_current or id(parameter) in g_ids)
+        self.adapters.activate(model, self.adapters.names, trainable, tuple(w for _, w in self.g_weights(model)))
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        # The driver seeds the run right before this call; a resumed run sees the same seed.
-        self._seed = torch.initial_seed() % (2**31)
-        wrapped = wrap_with_lora(model, self._lora_config(model), adapter_name="task1")
-        self.adapters = ["task1"]
-        self._init_adapter(wrapped, "task1", 1)
+        self.adapters = self._adapters(model)
+        wrapped = self.adapters.wrap(model)
         self.g_names = self._find_g_names(wrapped)
         self._activate(wrapped, "task1")
         return wrapped
@@ -261,14 +208,11 @@ class Gorp(ContinualMethod):
     def on_task_start(self, model: torch.nn.Module, stage: Stage) -> None:
         # IncLoRA (§3.2): a new zero-output adapter per task, the earlier ones frozen; the G
         # weights keep their trained values (W2), so the function does not change here.
-        while len(self.adapters) < stage.index:
-            name = self._add_adapter(model)
-            self._init_adapter(model, name, len(self.adapters))
-        self.current = self.adapters[stage.index - 1]
+        self.current = self.adapters.for_task(model, stage.index)
         self._activate(model, self.current)
 
     def _current_adapter(self) -> str:
-        return self.current or self.adapters[-1]
+        return self.current or self.adapters.names[-1]
 
     def build_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         """One ProjectedAdam with groups G, L, R (§3.2, §3.3); fresh each task, as upstream."""
@@ -331,15 +275,14 @@ class Gorp(ContinualMethod):
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_state(self, model: torch.nn.Module, directory: Path) -> None:
-        lora = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if ".lora_" in n}
-        save_file(lora, str(directory / "gorp_lora.safetensors"))
+        self.adapters.save(model, directory)
         # W2: the trained full-rank matrices themselves (bit-exact on reload).
         save_file({f"{n}.weight": w.detach().contiguous().cpu() for n, w in self.g_weights(model)},
                   str(directory / "gorp_full_rank.safetensors"))
         save_file({k: v.contiguous().cpu() for k, v in self.memory.items()}, str(directory / "gorp_memory.safetensors"))
         meta = {
             "format": STATE_FORMAT,
-            "adapters": self.adapters,
+            "adapters": self.adapters.names,
             "full_rank_modules": self.g_names,
             "memory_ranks": {k: int(v.shape[1]) for k, v in self.memory.items()},
         }
@@ -354,19 +297,11 @@ class Gorp(ContinualMethod):
             raise UserError(f"{directory}: unsupported GORP state format {meta.get('format')!r}")
         if meta["full_rank_modules"] != self.g_names:
             raise UserError(f"{directory}: full-rank targets differ from this run's method.galore_targets")
-        while len(self.adapters) < len(meta["adapters"]):
-            self._add_adapter(model)
-        self.current = self.adapters[-1]
+        self.adapters.load(model, directory)
+        self.current = self.adapters.names[-1]
         self._activate(model, None)
-        lora = load_file(str(directory / "gorp_lora.safetensors"))
-        params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-        if set(lora) != set(params):
-            missing = sorted(set(params) ^ set(lora))
-            raise UserError(f"{directory}: LoRA tensors do not match this model, e.g. {missing[0]}")
         full = load_file(str(directory / "gorp_full_rank.safetensors"))
         with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(lora[n])
             for n, w in self.g_weights(model):
                 w.copy_(full[f"{n}.weight"])
         self.memory = dict(load_file(str(directory / "gorp_memory.safetensors")))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import LoraOptions, Stage, register
+from .base import LoraOptions, Stage, TrainItem, register
 from .seqlora import SeqLora
 
 
@@ -44,6 +44,7 @@ class LwfConfig(LoraOptions):
     teacher_batch_size: int = 8
 
     def validate(self) -> None:
+        super().validate()
         if self.lwf_alpha < 0:
             raise UserError(f"method.lwf_alpha must not be negative, got {self.lwf_alpha}")
         if self.temperature <= 0:
@@ -108,10 +109,9 @@ class Lwf(SeqLora):
         return super().prepare_model(model)
 
     @torch.no_grad()
-    def on_task_start(self, model: torch.nn.Module, stage: Stage) -> None:
-        """One teacher pass over the stage's training items (the same list, in the same order,
-        that the loop gets from `training_items` next, so item indices match)."""
-        super().on_task_start(model, stage)
+    def before_training(self, model: torch.nn.Module, stage: Stage, items: list[TrainItem]) -> None:
+        """One teacher pass over the items the loop is about to train on (the model is still the
+        previous stage's): the loop's batches carry `indices` into this same list."""
         self.teacher = {}
         if stage.index == 1 or self.config.lwf_alpha == 0:
             return
@@ -119,7 +119,7 @@ class Lwf(SeqLora):
         was_training = model.training
         model.eval()
         try:
-            for batch in self.services.batches(self.training_items(stage), c.teacher_batch_size):
+            for batch in self.services.batches(items, c.teacher_batch_size):
                 with self.services.autocast():
                     logits = self.services.answer_logits(model, batch)
                 # Rows of target_rows ascend in both collates: split the answer logits per item.

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UserError
 from .base import ContinualMethod, LoraOptions, Stage, register
-from .lora import TaskAdapters, lora_config, lora_layers
+from ._lora import TaskAdapters, lora_config, lora_layers
 
 # "fro2" is accepted as a short alias of "frobenius2".
 OVERLAP_NORMS = ("l1", "frobenius2", "fro2")
@@ -55,6 +55,7 @@ class OLoraConfig(LoraOptions):
     overlap_norm: str = "l1"  # l1 (entry-wise |A_old A_newᵀ|, the code) or frobenius2 / fro2 (squared, the paper)
 
     def validate(self) -> None:
+        super().validate()
         if self.overlap_norm not in OVERLAP_NORMS:
             raise UserError(f"method.overlap_norm must be one of {', '.join(OVERLAP_NORMS)}, got {self.overlap_norm!r}")
         for key in ("lambda1", "lambda2"):
@@ -83,7 +84,7 @@ class OLora(ContinualMethod):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         config = lora_config(model, self.config, self.default_rank, self.default_alpha)
-        self.adapters = TaskAdapters(config, torch.initial_seed() % (2**31))
+        self.adapters = TaskAdapters(config, self.services.seed)
         self.current, self.old, self.pairs = "task1", [], []
         return self.adapters.wrap(model)
 

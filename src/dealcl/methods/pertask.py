@@ -16,7 +16,7 @@ import torch
 
 from ..data.types import Task
 from .base import ContinualMethod, LoraOptions, Stage, register
-from .lora import TaskAdapters, lora_config
+from ._lora import TaskAdapters, lora_config
 
 
 @dataclass
@@ -37,7 +37,7 @@ class PerTask(ContinualMethod):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         config = lora_config(model, self.config, self.default_rank, self.default_alpha)
-        self.adapters = TaskAdapters(config, torch.initial_seed() % (2**31))
+        self.adapters = TaskAdapters(config, self.services.seed)
         self.task_adapter: dict[str, str] = {}  # task name → its adapter
         return self.adapters.wrap(model)
 

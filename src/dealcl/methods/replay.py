@@ -29,11 +29,12 @@ class ReplayConfig(LoraOptions):
     # At least this many examples per finished task (capped at the task's size), so that small
     # tasks (CB: 250 training examples → 5 at 2 %) still replay one batch's worth.
     replay_min: int = 8
-    # Seeds the per-task sample. The method never sees the run's seed, so it has its own option:
-    # set method.seed=<run seed> to tie them; 0 by default (the sample then depends on the task only).
+    # Seeds the per-task sample, apart from the run's seed (`services.seed`) so that runs of several
+    # seeds replay the same examples unless asked: 0 by default (the sample depends on the task only).
     seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         if not 0 <= self.replay_fraction <= 1:
             raise UserError(f"method.replay_fraction must be in [0, 1], got {self.replay_fraction}")
         if self.replay_min < 0:

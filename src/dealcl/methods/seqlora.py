@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .base import ContinualMethod, LoraOptions, Stage, register
-from .lora import load_adapter_tensors, lora_config, save_adapter_tensors, wrap_with_lora
+from ._lora import load_adapter_tensors, lora_config, save_adapter_tensors, wrap_with_lora
 
 
 @dataclass

@@ -38,7 +38,7 @@ def probe(loaded, task_name: str, precision: str = "auto") -> tuple[float, float
     LoRA steps of batch 8 after a warm-up one, and one answer batch of 8, on `task_name`.
     The LoRA is removed afterwards: `loaded.model` is the untouched model again."""
     from ..methods import REGISTRY, Stage
-    from ..train.batching import PromptEncoder
+    from ..prompts import PromptEncoder
     from ..train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
     from ..eval.generate import generate_answers
 

@@ -36,9 +36,10 @@ from ..eval.score import score_answers
 from ..eval.metrics import normalize_answer, score_task, summarize
 from ..methods import ContinualMethod, Stage, resolve_method
 from ..models.loading import LoadedModel, load_model
-from ..train.batching import PromptEncoder
+from ..prompts import PromptEncoder
+from ..train.services import TrainingServices
 from ..train.loop import (
-    CPU_MICRO_BATCH_TOKENS, TrainingServices, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage,
+    CPU_MICRO_BATCH_TOKENS, TrainSettings, enable_gradient_checkpointing, resolve_precision, train_stage,
 )
 from .config import RunConfig, config_from_dict, method_config, recipe_record, stage_overrides
 from .progress import RunProgress, Workload
@@ -538,7 +539,8 @@ def _run(prep: Prepared, store: RunStore, progress: bool, costs: tuple[float, fl
     encoder = PromptEncoder(prep.loaded.tokenizer, prep.loaded.arch, config.max_source_length, config.prompt_style)
     ranks = launched_processes()
     services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device, ranks,
-                                share_prefix=config.share_prompt_prefix and not config.gradient_checkpointing)
+                                share_prefix=config.share_prompt_prefix and not config.gradient_checkpointing,
+                                seed=config.seed)
     evaluator = Evaluator(prep, encoder, services, progress)
     state = RunState(efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
     log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,

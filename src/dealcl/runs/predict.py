@@ -14,7 +14,7 @@ from ..eval.generate import generate_answers
 from ..eval.metrics import score_task
 from ..eval.score import score_answers
 from ..methods import ContinualMethod, Stage
-from ..train.batching import PromptEncoder
+from ..prompts import PromptEncoder
 from ..train.loop import TrainingServices
 from .driver import Prepared, prepare, resume_config
 from .store import RunStore, atomic_write_text, verify_stage_dir

@@ -1,4 +1,4 @@
-"""The one training loop. It calls the method's hooks and never names a method.
+"""The one training loop. It calls the method's hooks (hooks.py) and never names a method.
 
 Per optimizer step it takes `batch_size × grad_accum` examples, splits them into micro-batches
 padded to their own longest sequence, and normalises the summed token cross-entropy by the
@@ -12,25 +12,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
-from ..methods.base import ContinualMethod, Stage, TrainItem
 from ..faults import fault_point, trace_shard
-from .batching import EncodedExample, PromptEncoder, collate_train, num_targets
-from .distributed import Processes, single_process
+from ..models import unwrap
+from .batching import collate_train, num_targets
 from .hardware import cpu_has_bf16, resolve_precision  # noqa: F401 (re-exported for the driver and benches)
+from .hooks import Stage, TrainingHooks, TrainItem
+from .services import TrainingServices
 
 log = logging.getLogger("dealcl")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper (adapters stay injected in its layers)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -51,133 +45,6 @@ class TrainSettings:
     log_every: int = 10
     group_by_length: bool = True
     micro_batch_tokens: int | None = None  # at most this many padded tokens per micro-batch (None: rows only)
-
-
-class TrainingServices:
-    """What a method may use from the engine: the encoder, autocast, and the answer-only forward."""
-
-    def __init__(self, encoder: PromptEncoder, arch: str, precision: str, device: torch.device,
-                 processes: Processes | None = None, share_prefix: bool = True) -> None:
-        self.encoder = encoder
-        self.arch = arch
-        self.precision = precision
-        self.device = device
-        self.processes = processes or single_process()
-        # Decoder-only micro-batches compute the prompt prefix they share once (see
-        # `answer_logits`). Never with sharded weights: an extra forward on some ranks only
-        # would break FSDP's lockstep.
-        self.share_prefix = share_prefix and arch == "causal" and not self.processes.sharded
-        self._mask_logits: bool | None = None  # whether the model takes a mask as logits_to_keep (probed once)
-        self.on_trained = lambda examples: None  # called after every optimizer step (the run's progress)
-
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-    def answer_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """Logits at the answer positions only, shape [answer tokens, vocab], from the model's
-        own forward, so that whatever its head does after the projection (Gemma-2's final
-        soft-capping, Cohere's logit scale) is what training sees, as generation does.
-
-        For decoder-only models the LM head runs on the answer positions alone
-        (`logits_to_keep`): on a 49k vocabulary the head over every prompt position costs as
-        much as several layers. And the prompt prefix every row shares (task, dataset,
-        instruction, options: about half an agnews prompt) is computed once, as a batch of one,
-        and its keys and values are repeated for the rows: the rows' gradients flow back
-        through the repeat into that one computation, so the step's loss and gradient are those
-        of the unshared batch (LoRA dropout draws one mask for the shared positions)."""
-        rows, positions = batch["target_rows"], batch["target_positions"]
-        if self.arch == "causal":
-            ids, forward = batch["input_ids"], {}
-            shared = batch.get("prefix_len", 0) if self.share_prefix else 0
-            cache = prefix_cache(model, ids[:1, :shared], ids.shape[0]) if shared else None
-            if cache is not None:
-                forward = dict([cache])
-                ids, positions = ids[:, shared:], positions - shared
-            inputs = (model, ids, batch["attention_mask"], rows, positions)
-            if self._mask_logits is None:  # the first call finds out what this model accepts
-                try:
-                    logits = mask_answer_logits(*inputs, **forward)
-                except (TypeError, IndexError, ValueError):
-                    logits = None
-                self._mask_logits = logits is not None
-                if logits is not None:
-                    return logits
-                if cache is not None:  # the failed probe used the cache up: start again
-                    return self.answer_logits(model, batch)
-                return union_answer_logits(*inputs)
-            return (mask_answer_logits if self._mask_logits else union_answer_logits)(*inputs, **forward)
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
-        )
-        return out.logits[rows, positions]
-
-    def computed_tokens(self, batch: dict) -> int:
-        """Token positions the forward computes (FLOP accounting): a shared prefix counts once."""
-        ids = batch["input_ids"]
-        shared = batch.get("prefix_len", 0) if self.share_prefix else 0
-        return ids.numel() - (ids.shape[0] - 1) * shared + batch.get("labels", ids[:, :0]).numel()
-
-    def batches(self, items: list[TrainItem], batch_size: int) -> Iterator[dict]:
-        """Batches in item order, for methods that need a pass over data (EWC's Fisher, LwF's teacher)."""
-        encoded = self.encode_items(items)
-        for start in range(0, len(encoded), batch_size):
-            yield self.to_device(collate_train(encoded[start : start + batch_size], self.arch, self.encoder.pad_id))
-
-    def encode_items(self, items: list[TrainItem]) -> list[EncodedExample]:
-        return [self.encoder.encode(task, ex.sentence, ex.label, index=i) for i, (task, ex) in enumerate(items)]
-
-    def task_loss_sum(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed token cross-entropy over the batch's answer tokens, answer logits)."""
-        with self.autocast():
-            logits = self.answer_logits(model, batch)
-        return F.cross_entropy(logits.float(), batch["target_ids"], reduction="sum"), logits
-
-
-def prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> tuple[str, object] | None:
-    """The key/value cache of `prefix` ([1, P] token ids), repeated for `rows` rows, as the
-    (keyword, cache) the next forward takes; None where the model gives no cache (gradient
-    checkpointing turns caching off). Computed with gradients: they reach the prefix's
-    adapters once, summed over the rows that used it."""
-    out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1)
-    # transformers renamed `past_key_values` to `cache` (outputs and forward) during 5.x.
-    keyword = "cache" if "cache" in out else "past_key_values"
-    cache = out.get(keyword)
-    if cache is None:
-        return None
-    cache.batch_repeat_interleave(rows)
-    return keyword, cache
-
-
-def mask_answer_logits(model, input_ids, attention_mask, rows, positions, **forward) -> torch.Tensor:
-    """[len(rows), vocab] logits at (rows[i], positions[i]) through the model's forward.
-
-    transformers' `logits_to_keep` takes a boolean [batch, length] mask and returns the kept
-    positions flattened row by row: the order `collate_train` lists targets in (row, then
-    position). ValueError where the model (or transformers version) does not take a mask."""
-    key = rows * input_ids.shape[1] + positions
-    if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
-        raise ValueError("answer targets must be listed row by row, positions increasing")
-    keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    keep[rows, positions] = True
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep,
-                   **forward).logits
-    if logits.dim() != 2 or logits.shape[0] != rows.numel():
-        raise ValueError(f"logits_to_keep with a mask gave logits of shape {tuple(logits.shape)}")
-    return logits
-
-
-def union_answer_logits(model, input_ids, attention_mask, rows, positions, **forward) -> torch.Tensor:
-    """The same logits from the union of the answer positions (a 1-D `logits_to_keep`, kept for
-    every row), for models without mask support: more head work, the same values."""
-    union, index = torch.unique(positions, return_inverse=True)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=union, **forward).logits
-    return logits[rows, index]
 
 
 # Micro-batches on a CPU hold at most this many padded tokens (rows × longest sequence), and
@@ -221,14 +88,14 @@ class TrainingAttention:
 
 
 @contextlib.contextmanager
-def bf16_fast_paths(model: torch.nn.Module, precision: str):
+def bf16_fast_paths(model: torch.nn.Module, precision: str, adapters: set[torch.nn.Module] = frozenset()):
     """Under bf16 autocast, skip casts whose result is known in advance.
 
     - Frozen linear weights are held in bf16 for the stage. Autocast re-casts every frozen
       fp32 weight on every forward (it caches casts only for trainable leaves): 5% of a
       smollm2 step. The cast is deterministic, so a weight cast once gives the same matmuls.
-      Trainable weights, LoRA factors (methods read them in fp32) and weights tied to an
-      embedding are left alone, and the fp32 tensors are put back afterwards, so checkpoints
+      Trainable weights, the method's adapter modules (`adapters`: LoRA factors, which methods
+      read in fp32, frozen or not) and weights tied to an embedding are left alone, and the fp32 tensors are put back afterwards, so checkpoints
       see exactly the weights they saw before. CPU only: on a GPU the bf16 copies would cost
       memory that big models need (use model_dtype=bf16 there). Evaluation gains nothing from
       it (0.082 vs 0.084 s per example on smollm2), so it is used for training only.
@@ -246,7 +113,7 @@ def bf16_fast_paths(model: torch.nn.Module, precision: str):
     kept: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if (type(module) is not torch.nn.Linear or "lora_" in name or weight is None or weight.requires_grad
+        if (type(module) is not torch.nn.Linear or module in adapters or weight is None or weight.requires_grad
                 or weight.dtype != torch.float32 or id(weight) in tied or weight.device.type != "cpu"
                 or type(weight) is not torch.nn.Parameter):  # FSDP's sharded weights are its own
             continue
@@ -318,11 +185,12 @@ class FastDropout(torch.nn.Dropout):
         return x * _keep_mask(x.shape, self.p) * (1.0 / (1.0 - self.p))
 
 
-def use_fast_dropout(model: torch.nn.Module) -> None:
-    """Swap the LoRA dropouts (PEFT's `lora_dropout`, one per adapted module: 60 masks per
-    smollm2 forward, 11% of a step) for FastDropout; new adapters are swapped at their stage."""
-    for name, module in model.named_modules():
-        if type(module) is torch.nn.Dropout and "lora_dropout" in name:
+def use_fast_dropout(adapters: set[torch.nn.Module]) -> None:
+    """Swap the adapters' dropouts (PEFT's `lora_dropout`, one per adapted module: 60 masks per
+    smollm2 forward, 11% of a step) for FastDropout; new adapters are swapped at their stage.
+    The base model's own dropouts keep torch's, so its random stream is left as it was."""
+    for module in adapters:
+        if type(module) is torch.nn.Dropout:
             module.__class__ = FastDropout
 
 
@@ -371,7 +239,7 @@ def _epoch_steps(order: list[int], step_size: int, lengths: list[int], group_by_
 
 def train_stage(
     model: torch.nn.Module,
-    method: ContinualMethod,
+    method: TrainingHooks,
     stage: Stage,
     items: list[TrainItem],
     settings: TrainSettings,
@@ -380,8 +248,10 @@ def train_stage(
 ) -> dict:
     """Train `model` on `items` for one stage; return throughput and loss statistics."""
     attention = TrainingAttention(model, services.device)
+    adapters = method.adapter_modules(model)
+    use_fast_dropout(adapters)
     try:
-        with bf16_fast_paths(model, services.precision):
+        with bf16_fast_paths(model, services.precision, adapters):
             return _train_stage(model, method, stage, items, settings, services, progress, attention)
     finally:
         attention.restore()
@@ -389,10 +259,12 @@ def train_stage(
 
 def _train_stage(model, method, stage, items, settings, services, progress, attention) -> dict:
     model.train()
-    use_fast_dropout(model)
     optimizer = method.build_optimizer(model, settings.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    unclipped = {id(p) for p in method.unclipped_parameters(model)}
+    clipped = [p for p in params if id(p) not in unclipped]
     masters = MasterWeights(params)
+    method.before_training(model, stage, items)
     encoded = services.encode_items(items)
     # The stage's randomness (data order, dropout) depends only on the seed and the stage index,
     # so a resumed run retrains a stage exactly as an uninterrupted one would.
@@ -459,7 +331,7 @@ def _train_stage(model, method, stage, items, settings, services, progress, atte
             ranks.sum_gradients(params)
             method.after_backward(model)
             if settings.max_grad_norm and settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(clipped, settings.max_grad_norm)
             with masters.fp32_step():
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)

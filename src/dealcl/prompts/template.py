@@ -6,8 +6,8 @@ instruction, options and cue always survive.
 """
 from __future__ import annotations
 
-from .data.types import Task
-from .errors import UserError
+from ..data.types import Task
+from ..errors import UserError
 
 ANSWER_CUE = "\nAnswer:"
 

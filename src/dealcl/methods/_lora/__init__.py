@@ -1,4 +1,8 @@
-"""Stock PEFT LoRA helpers shared by the LoRA-based methods (no vendored PEFT)."""
+"""The LoRA plumbing every LoRA-based method shares, on stock PEFT (no vendored PEFT).
+
+Not a method (the registry skips modules whose name starts with "_"): a config from the user's
+`LoraOptions`, wrapping a model, one adapter per task with seeded init (`TaskAdapters`), the
+LoRA layers, and adapter tensors saved and loaded as stock PEFT files."""
 from __future__ import annotations
 
 import json
@@ -9,8 +13,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError
-from .base import LoraOptions
+from ...errors import UserError
+from ..base import LoraOptions
 
 # q and v of every attention block: T5 self- and cross-attention (`q`, `v`), LLaMA `q_proj`/`v_proj`
 # (deal_spec.md §1.3, gorp_olora_spec.md §2.1).
@@ -38,14 +42,27 @@ def default_targets(model: torch.nn.Module) -> list[str]:
     raise UserError(f"cannot pick LoRA target modules for model type '{kind}': set method.target_modules")
 
 
-def lora_config(model: torch.nn.Module, options: LoraOptions, rank: int, alpha: float) -> LoraConfig:
+REGEX_CHARACTERS = frozenset("*()|[]\\+?^$")
+
+
+def lora_config(model: torch.nn.Module, options: LoraOptions, rank: int, alpha: float,
+                targets: dict[str, str] | None = None) -> LoraConfig:
     """PEFT LoRA config from the user's options; `rank`/`alpha` are the method's defaults for
-    options left unset."""
+    options left unset, `targets` its default target (a full-match regex) per model type, else
+    q and v. A `target_modules` of one element that looks like a regex is one (PEFT matches a
+    string target in full); otherwise it is PEFT's list of name suffixes."""
+    chosen = options.target_modules
+    if chosen is None:
+        target: str | list[str] = (targets or {}).get(model_type(model)) or default_targets(model)
+    elif len(chosen) == 1 and REGEX_CHARACTERS & set(chosen[0]):
+        target = chosen[0]
+    else:
+        target = list(chosen)
     return LoraConfig(
         r=options.rank or rank,
         lora_alpha=options.alpha or alpha,
         lora_dropout=options.dropout,
-        target_modules=list(options.target_modules or default_targets(model)),
+        target_modules=target,
         bias="none",
         task_type="SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM",
     )
@@ -89,12 +106,15 @@ class TaskAdapters:
     `activate(names, trainable)` makes `names` the active adapters (PEFT sums their outputs)
     and lets only `trainable`'s LoRA weights train. A new adapter gets PEFT's init (Kaiming-
     uniform A, zero B, so adding it leaves the function unchanged) from a generator seeded by
-    the task index, so a resumed run builds the same adapter as an uninterrupted one.
+    the run's seed, `init_offset` and the task index, so a resumed run builds the same adapter
+    as an uninterrupted one.
     """
 
-    def __init__(self, config: LoraConfig, seed: int) -> None:
+    def __init__(self, config: LoraConfig, seed: int, init_offset: int = 500, file_stem: str = "task_adapters") -> None:
         self.config = config
         self.seed = seed
+        self.init_offset = init_offset
+        self.file_stem = file_stem  # checkpoint files <stem>.safetensors and <stem>.json
         self.names: list[str] = []
 
     def wrap(self, model: torch.nn.Module) -> PeftModel:
@@ -121,7 +141,7 @@ class TaskAdapters:
     def _init(self, model: PeftModel, name: str, index: int) -> None:
         import math
 
-        generator = torch.Generator().manual_seed(self.seed * 1000 + 500 + index)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.init_offset + index)
         with torch.no_grad():
             for _, layer in lora_layers(model):
                 weight = layer.lora_A[name].weight
@@ -130,27 +150,31 @@ class TaskAdapters:
                 weight.copy_(fresh.to(weight.dtype))
                 layer.lora_B[name].weight.zero_()
 
-    def activate(self, model: PeftModel, names: list[str], trainable: str | None) -> None:
+    def activate(self, model: PeftModel, names: list[str], trainable: str | None,
+                 also_trainable: tuple[torch.nn.Parameter, ...] = ()) -> None:
+        """`names` active (summed), only `trainable`'s LoRA weights (and `also_trainable`) train."""
         model.base_model.set_adapter(list(names))
+        extra = {id(p) for p in also_trainable}
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(trainable is not None and ".lora_" in name and f".{trainable}." in name)
+            parameter.requires_grad_(trainable is not None and ".lora_" in name and f".{trainable}." in name
+                                     or id(parameter) in extra)
 
     def save(self, model: PeftModel, directory: Path) -> None:
         tensors = {}
         for name in self.names:
             for key, value in get_peft_model_state_dict(model, adapter_name=name).items():
                 tensors[f"{name}/{key}"] = value.detach().contiguous().cpu()
-        save_file(tensors, str(directory / "task_adapters.safetensors"))
-        (directory / "task_adapters.json").write_text(json.dumps({"adapters": self.names}, indent=2))
+        save_file(tensors, str(directory / f"{self.file_stem}.safetensors"))
+        (directory / f"{self.file_stem}.json").write_text(json.dumps({"adapters": self.names}, indent=2))
 
     def load(self, model: PeftModel, directory: Path) -> None:
-        meta_path = directory / "task_adapters.json"
+        meta_path = directory / f"{self.file_stem}.json"
         if not meta_path.is_file():
-            raise UserError(f"{directory}: no task_adapters.json (not a checkpoint of this method)")
+            raise UserError(f"{directory}: no {meta_path.name} (not a checkpoint of this method)")
         names = json.loads(meta_path.read_text())["adapters"]
         while len(self.names) < len(names):
             self.add(model)
-        tensors = load_file(str(directory / "task_adapters.safetensors"))
+        tensors = load_file(str(directory / f"{self.file_stem}.safetensors"))
         for name in names:
             own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
             result = set_peft_model_state_dict(model, own, adapter_name=name)
