@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
+import dealcl.eval.evaluator as evaluator  # noqa: E402
 import dealcl.runs.driver as driver  # noqa: E402
-import dealcl.train.loop as loop  # noqa: E402
+import dealcl.runs.session as session  # noqa: E402
+import dealcl.train.services as services  # noqa: E402
 from dealcl.runs.config import RunConfig  # noqa: E402
 from host import host_line  # noqa: E402
 
@@ -66,10 +68,10 @@ def main() -> int:
     print(host_line())
     phases = Phases()
 
-    real_loss = loop.TrainingServices.task_loss_sum
-    real_train = driver.train_stage
-    real_evaluate = driver.Evaluator.evaluate
-    real_prepare = driver.prepare
+    real_loss = services.TrainingServices.task_loss_sum
+    real_train = session.train_stage
+    real_evaluate = evaluator.Evaluator.evaluate
+    real_prepare = session.prepare
 
     def task_loss_sum(self, model, batch):
         rows, width = batch["input_ids"].shape
@@ -81,9 +83,12 @@ def main() -> int:
         phases.begin(f"stage {stage.index} training ({stage.name})")
         return real_train(model, method, stage, items, settings, services, progress)
 
-    def evaluate(self, model, method, tasks, stage):
-        phases.begin(f"stage {stage.index if stage else 0} evaluation ({len(tasks)} tasks)")
-        return real_evaluate(self, model, method, tasks, stage)
+    evaluations = []
+
+    def evaluate(self, model, tasks, *args, **kwargs):
+        phases.begin(f"stage {len(evaluations)} evaluation ({len(tasks)} tasks)")  # stage 0 comes first
+        evaluations.append(len(tasks))
+        return real_evaluate(self, model, tasks, *args, **kwargs)
 
     def prepare(config, loaded=None):
         phases.begin("loading")
@@ -93,8 +98,8 @@ def main() -> int:
                 task.train = sorted(task.train, key=lambda e: -len(e.sentence))[: args.longest]
         return prep
 
-    loop.TrainingServices.task_loss_sum = task_loss_sum
-    driver.train_stage, driver.Evaluator.evaluate, driver.prepare = train_stage, evaluate, prepare
+    services.TrainingServices.task_loss_sum = task_loss_sum
+    session.train_stage, evaluator.Evaluator.evaluate, session.prepare = train_stage, evaluate, prepare
     config = RunConfig(method=args.method, model="smollm2-135m", benchmark="standard", order=1,
                        train_per_task=args.train, test_per_task=args.test)
     started = time.perf_counter()

@@ -5,29 +5,27 @@
 """
 from __future__ import annotations
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dealcl.data.loading import default_data_dir, load_task
-from dealcl.methods import REGISTRY, Stage
-from dealcl.models.loading import load_model
-from dealcl.prompts import PromptEncoder
-from dealcl.train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
+from dealcl.methods import Stage
+from dealcl.runs.config import RunConfig
+from dealcl.runs.session import build_session
+from dealcl.train.loop import train_stage
 
 
 def main() -> None:
-    task = load_task("agnews", default_data_dir(), train_per_task=40)
-    loaded = load_model("smollm2-135m")
-    precision = resolve_precision("auto", torch.device("cpu"))
-    services = TrainingServices(PromptEncoder(loaded.tokenizer, "causal"), "causal", precision, torch.device("cpu"))
-    method = REGISTRY["seqlora"](REGISTRY["seqlora"].config_class(rank=8), services)
-    model = method.prepare_model(loaded.model)
+    config = RunConfig(method="seqlora", model="smollm2-135m", tasks=["agnews"], train_per_task=40, test_per_task=1,
+                       lr=5e-4, seed=0, method_options={"rank": 8})
+    session = build_session(config)
+    task = session.tasks[0]
     items = [(task, e) for e in task.train]
-    settings = TrainSettings(lr=5e-4, batch_size=8, seed=0)
-    train_stage(model, method, Stage(1, task.name, [task]), items[:16], settings, services, progress=False)  # warm-up
+    warm_up = Stage(1, task.name, [task])
+    settings = session.settings(warm_up)
+    train_stage(session.model, session.method, warm_up, items[:16], settings, session.services, progress=False)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        stats = train_stage(model, method, Stage(2, task.name, [task]), items[16:40], settings, services, progress=False)
-    print(f"precision {precision}, {stats['train_seconds'] / stats['train_steps']:.2f} s/step, "
+        stats = train_stage(session.model, session.method, Stage(2, task.name, [task]), items[16:40], settings,
+                            session.services, progress=False)
+    print(f"precision {session.prep.precision}, {stats['train_seconds'] / stats['train_steps']:.2f} s/step, "
           f"{stats['computed_tokens'] / stats['train_steps']:.0f} tokens/step")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
 

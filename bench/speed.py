@@ -91,7 +91,7 @@ def _task(name: str, train: int, test: int):
 
 def _services(loaded, precision: str, share_prefix: bool = True):
     from dealcl.prompts import PromptEncoder
-    from dealcl.train.loop import TrainingServices
+    from dealcl.train.services import TrainingServices
 
     encoder = PromptEncoder(loaded.tokenizer, loaded.arch, 512)
     return TrainingServices(encoder, loaded.arch, precision, torch.device("cpu"), share_prefix=share_prefix)

@@ -140,7 +140,8 @@ def test_an_unfinished_run_scored_by_another_rule_is_not_continued(toy_data, tmp
 
     from conftest import tiny_run_config
     from dealcl.errors import UserError
-    from dealcl.runs.driver import OLD_ANSWER_RULE, run_continual
+    from dealcl.eval.evaluator import OLD_ANSWER_RULE
+    from dealcl.runs.driver import run_continual
 
     out = tmp_path / "run"
     config = tiny_run_config(toy_data)

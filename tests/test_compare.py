@@ -6,7 +6,8 @@ import statistics
 
 import pytest
 
-import dealcl.runs.driver as driver
+import dealcl.eval.evaluator as evaluator
+import dealcl.runs.session as session
 from dealcl.cli import main
 
 
@@ -35,7 +36,7 @@ def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(driver, "train_stage", no_training)
+    monkeypatch.setattr(session, "train_stage", no_training)
     before = (out / "custom-seqlora" / "results.json").read_bytes()
     intervals = [(r["aa_interval"], r["bwt_interval"]) for r in comparison["runs"]]
     # What results/ keeps of a finished run: no adapters, no sentence-quoting prediction files.
@@ -52,7 +53,7 @@ def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, 
         # that a pruned run is re-read rather than re-evaluated on an untrained model.
         raise AssertionError("a finished run was evaluated again")
 
-    monkeypatch.setattr(driver, "generate_answers", no_generation)
+    monkeypatch.setattr(evaluator, "generate_answers", no_generation)
     assert main(_args(toy_data, out)) == 0
     assert (out / "custom-seqlora" / "results.json").read_bytes() == before
     assert all(path.read_bytes() == content for path, content in answers.items())
@@ -92,16 +93,14 @@ def test_a_sibling_runs_identical_stage_zero_is_reused(toy_data, tmp_path, monke
     """The second method of a comparison takes the untouched model's answers from the first
     run's stage 0 (same model, prompts and evaluation settings) instead of generating them;
     a run whose evaluation batches differ does not."""
-    import dealcl.runs.driver as driver
-
     calls = []
-    real = driver.generate_answers
+    real = evaluator.generate_answers
 
     def counting(model, encoder, task, sentences, **kwargs):
         calls.append(task.name)
         return real(model, encoder, task, sentences, **kwargs)
 
-    monkeypatch.setattr(driver, "generate_answers", counting)
+    monkeypatch.setattr(evaluator, "generate_answers", counting)
     out = tmp_path / "cmp"
     assert main(_args(toy_data, out, methods="seqlora")) == 0
     first = len(calls)

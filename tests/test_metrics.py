@@ -128,7 +128,7 @@ def test_peak_memory_is_counted_per_run():
     """compare runs many runs in one process; each one's peak starts from the reset."""
     import torch
 
-    from dealcl.runs.driver import peak_memory_mb, reset_peak_memory
+    from dealcl.runs.memory import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
     big = torch.ones(100_000_000)  # 400 MB
@@ -146,7 +146,7 @@ def test_peak_memory_reset_returns_freed_heap_first():
 
     import torch
 
-    from dealcl.runs.driver import reset_peak_memory
+    from dealcl.runs.memory import reset_peak_memory
 
     def rss_mb() -> float:
         status = Path("/proc/self/status").read_text().splitlines()

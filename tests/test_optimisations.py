@@ -101,7 +101,7 @@ def test_length_grouping_keeps_every_example_once_per_epoch():
 
 def test_bf16_base_weights_keep_fp32_adapters(toy_data, tmp_path):
     from dealcl.methods import REGISTRY
-    from dealcl.runs.driver import prepare
+    from dealcl.runs.session import prepare
 
     prep = prepare(tiny_run_config(toy_data, model_dtype="bf16"))
     services = TrainingServices(PromptEncoder(prep.loaded.tokenizer, "causal"), "causal", "bf16", torch.device("cpu"))

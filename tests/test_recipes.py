@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import yaml
 
-import dealcl.runs.driver as driver
+import dealcl.runs.session as session
 from conftest import tiny_run_config
 from dealcl.cli import main
 from dealcl.data.benchmarks import BENCHMARKS
@@ -14,7 +14,9 @@ from dealcl.errors import UserError
 from dealcl.methods import REGISTRY
 from dealcl.recipes import all_recipes, resolve_recipe
 from dealcl.runs.config import apply_values, build_config, method_config, stage_overrides, validate
-from dealcl.runs.driver import check_task_overrides, run_continual
+from dealcl.runs.config import recipe_record
+from dealcl.runs.driver import run_continual
+from dealcl.runs.session import check_task_overrides
 
 # scripts/long.sh of cmnfriend/O-LoRA@07117e1 (gorp_olora_spec.md §2.4): task → (λ1, λ2).
 OLORA_LONG_LAMBDAS = {
@@ -99,7 +101,7 @@ def test_the_users_flags_win_over_the_recipe_on_every_stage():
     assert config.grad_accum == 8  # from the recipe
     # The recipe's lr for stages 2- is replaced too: the user asked for one rate.
     assert stage_overrides(config, 2, ["amazon"]) == {}
-    record = driver.recipe_record(config)
+    record = recipe_record(config)
     assert "lr" in record["replaced_by_user"] and "task_overrides.stages 2-.lr" in record["replaced_by_user"]
     assert "method.lambda1" in record["replaced_by_user"]
     plain = build_config(None, {k: v for k, v in flags.items() if k != "lr"}, [])
@@ -126,13 +128,13 @@ def test_a_recipe_that_does_not_fit_is_one_error(flags, overrides, message):
 
 def test_per_task_values_reach_the_stage_they_name(toy_data, tmp_path, monkeypatch):
     seen = []
-    real_train = driver.train_stage
+    real_train = session.train_stage
 
     def recording(model, method, stage, items, settings, services, progress=True):
         seen.append((stage.name, settings.lr, settings.epochs, method.config.lambda1))
         return real_train(model, method, stage, items, settings, services, progress)
 
-    monkeypatch.setattr(driver, "train_stage", recording)
+    monkeypatch.setattr(session, "train_stage", recording)
     config = tiny_run_config(toy_data, method="olora", task_overrides={
         "toyB": {"method.lambda1": 7.0, "epochs": 2}, "stages 2-": {"lr": 1e-3}})
     run_continual(validate(config), tmp_path / "run", progress=False)

@@ -21,33 +21,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--benchmark", help="tc, standard or long (`dealcl benchmarks`)")
-    p.add_argument("--order", type=str, help="task order of the benchmark (standard: 1-3, long: 4-6)")
-    p.add_argument("--tasks", help="a custom sequence: comma-separated dataset names or task folders")
-    p.add_argument("--method", help="registered name (`dealcl methods`) or path/to/file.py:ClassName")
-    p.add_argument("--model", help="short name (`dealcl models`), Hugging Face id, local folder or .gguf file")
+    from .runs.config import RunConfig
+
+    # One flag per RunConfig field marked `flag(...)`; values stay text here and are checked
+    # with the YAML and key=value ones by the config (runs/config.py).
+    for spec in RunConfig.flag_fields():
+        name = "--" + spec.name.replace("_", "-")
+        if spec.type in (bool, "bool"):
+            p.add_argument(name, dest=spec.name, action="store_const", const=True, help=spec.metadata["help"])
+        else:
+            p.add_argument(name, dest=spec.name, type=str, help=spec.metadata["help"])
     p.add_argument("--output", "-o", help="run directory (default runs/<benchmark>-<method>)")
-    p.add_argument("--data", help="CL_Benchmark root (default $DEALCL_DATA, ../shared/CL_Benchmark, ./data/CL_Benchmark)")
-    p.add_argument("--train-per-task", dest="train_per_task", type=str, help="cap on training examples per task")
-    p.add_argument("--test-per-task", dest="test_per_task", type=str, help="cap on test examples per task")
-    p.add_argument("--val-per-task", dest="val_per_task", type=str, help="validation examples held out of train")
-    p.add_argument("--sample", help="first (upstream) or random (seeded) examples under a cap")
-    p.add_argument("--epochs", type=str)
-    p.add_argument("--lr", type=str, help="learning rate (default: the method's calibrated value)")
-    p.add_argument("--batch-size", dest="batch_size", type=str)
-    p.add_argument("--grad-accum", dest="grad_accum", type=str)
-    p.add_argument("--seed", type=str)
-    p.add_argument("--precision", help="auto, bf16 or fp32")
-    p.add_argument("--prompt-style", dest="prompt_style", help="plain (upstream prompt) or chat (model's chat template)")
-    p.add_argument("--eval-mode", dest="eval_mode",
-                   help="generate (greedy answers, exact match; default) or score (rank the labels by likelihood)")
-    p.add_argument("--eval-all-stages", dest="eval_all_stages", action="store_const", const=True,
-                   help="evaluate every task after every stage (gives forward transfer)")
-    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True,
-                   help="allow a model's own Python code to run (off by default)")
     p.add_argument("--config", help="YAML config file (a run.yaml works too)")
-    p.add_argument("--recipe", help="start from a recipe of upstream settings: a name from `dealcl recipes`, "
-                                    "or upstream (the one for this method, benchmark and model family)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
                    help="data-parallel processes on this machine (runs itself under torchrun)")
@@ -113,15 +98,9 @@ def build_parser() -> Parser:
 
 
 def _flags(args: argparse.Namespace) -> dict:
-    keys = [
-        "benchmark", "order", "method", "model", "data", "train_per_task", "test_per_task", "val_per_task", "sample",
-        "epochs", "lr", "batch_size", "grad_accum", "seed", "precision", "prompt_style", "eval_mode", "eval_all_stages",
-        "trust_remote_code", "recipe",
-    ]
-    flags = {k: getattr(args, k) for k in keys}
-    if args.tasks is not None:
-        flags["tasks"] = args.tasks
-    return flags
+    from .runs.config import RunConfig
+
+    return {spec.name: getattr(args, spec.name) for spec in RunConfig.flag_fields()}
 
 
 def _relaunch(argv: list[str], processes: int) -> int:

@@ -11,20 +11,15 @@ from dealcl.errors import UserError
 from dealcl.methods.ewc import evenly_spaced
 from dealcl.methods.lwf import distillation_kl, teacher_targets
 from dealcl.methods.replay import buffer_size
-from dealcl.runs.driver import prepare, run_continual
-from dealcl.prompts import PromptEncoder
-from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
+from dealcl.runs.driver import run_continual
+from dealcl.runs.session import build_session, prepare
+from dealcl.train.loop import TrainSettings, train_stage
 
 
 def _setup(data, name, model="tiny-llama", train_per_task=12, **options):
     config = tiny_run_config(data, method=name, model=model, train_per_task=train_per_task, method_options=options)
-    prep = prepare(config)
-    arch = prep.loaded.arch
-    services = TrainingServices(PromptEncoder(prep.loaded.tokenizer, arch), arch, "fp32", torch.device("cpu"))
-    torch.manual_seed(0)
-    method = prep.method_class(prep.method_options, services)
-    model = method.prepare_model(prep.loaded.model)
-    return prep, method, model, method.stages(prep.tasks), services
+    session = build_session(config)
+    return session.prep, session.method, session.model, session.stages(), session.services
 
 
 def _train(method, model, stage, services, lr=5e-3):

@@ -12,9 +12,9 @@ from conftest import tiny_run_config
 from dealcl.errors import UserError
 from dealcl.methods.deal import DealConfig, DealLoraA, UpdateMLP, haar_retention_filter, theta_shape
 from dealcl.runs.config import method_config
-from dealcl.runs.driver import prepare, run_continual
-from dealcl.prompts import PromptEncoder
-from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
+from dealcl.runs.driver import run_continual
+from dealcl.runs.session import build_session
+from dealcl.train.loop import TrainSettings, train_stage
 
 
 # ---- pure math ---------------------------------------------------------------------------------
@@ -63,13 +63,9 @@ class Harness:
     def __init__(self, data, model, method="deal", **options):
         self.config = tiny_run_config(data, method=method, model=model, train_per_task=8, epochs=1, lr=5e-3,
                                       method_options={"dropout": 0.0, **options})
-        self.prep = prepare(self.config)
-        encoder = PromptEncoder(self.prep.loaded.tokenizer, self.prep.loaded.arch, self.config.max_source_length)
-        self.services = TrainingServices(encoder, self.prep.loaded.arch, "fp32", torch.device("cpu"))
-        torch.manual_seed(0)
-        self.method = self.prep.method_class(self.prep.method_options, self.services)
-        self.model = self.method.prepare_model(self.prep.loaded.model)
-        self.stages = self.method.stages(self.prep.tasks)
+        session = build_session(self.config)
+        self.prep, self.services, self.method, self.model = session.prep, session.services, session.method, session.model
+        self.stages = session.stages()
 
     def train(self, stage):
         settings = TrainSettings(lr=5e-3, epochs=1, batch_size=2, seed=0)

@@ -14,9 +14,9 @@ from dealcl.methods._projected_adam import (
     ProjectedAdam, energy_threshold_rank, extend_memory, galore_projector, project_out,
 )
 from dealcl.runs.config import method_config
-from dealcl.runs.driver import prepare, run_continual
-from dealcl.prompts import PromptEncoder
-from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
+from dealcl.runs.driver import run_continual
+from dealcl.runs.session import build_session
+from dealcl.train.loop import TrainSettings, train_stage
 
 
 # ---- pure math ---------------------------------------------------------------------------------
@@ -125,15 +125,13 @@ class Harness:
     def __init__(self, data, model, **options):
         config = tiny_run_config(data, method="gorp", model=model, train_per_task=12, epochs=1, lr=5e-3,
                                  method_options={"dropout": 0.0, **options})
-        self.prep = prepare(config)
-        encoder = PromptEncoder(self.prep.loaded.tokenizer, self.prep.loaded.arch, config.max_source_length)
-        self.services = TrainingServices(encoder, self.prep.loaded.arch, "fp32", torch.device("cpu"))
-        torch.manual_seed(0)
-        self.method: Gorp = self.prep.method_class(self.prep.method_options, self.services)
+        session = build_session(config, prepare_model=False)
+        self.prep, self.services = session.prep, session.services
+        self.method: Gorp = session.method
         self.pretrained = {n: m.weight.detach().clone() for n, m in self.prep.loaded.model.named_modules()
                            if isinstance(m, torch.nn.Linear)}
-        self.model = self.method.prepare_model(self.prep.loaded.model)
-        self.stages = self.method.stages(self.prep.tasks)
+        self.model = session.prepare_model()
+        self.stages = session.stages()
 
     def run_stage(self, stage):
         self.method.on_task_start(self.model, stage)

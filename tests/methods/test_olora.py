@@ -8,17 +8,15 @@ from conftest import tiny_run_config
 from dealcl.methods import REGISTRY, Stage
 from dealcl.methods._lora import lora_layers
 from dealcl.methods.olora import orthogonal_overlap
-from dealcl.runs.driver import prepare, run_continual
-from dealcl.prompts import PromptEncoder
-from dealcl.train.loop import TrainingServices, TrainSettings, train_stage
+from dealcl.runs.driver import run_continual
+from dealcl.runs.session import build_session
+from dealcl.train.loop import TrainSettings, train_stage
 
 
 def _method(toy_data, name, model="tiny-llama", **options):
-    prep = prepare(tiny_run_config(toy_data, method=name, model=model, method_options={"dropout": 0.0, **options}))
-    services = TrainingServices(PromptEncoder(prep.loaded.tokenizer, prep.loaded.arch), prep.loaded.arch, "fp32",
-                                torch.device("cpu"))
-    method = prep.method_class(prep.method_options, services)
-    return prep, method, method.prepare_model(prep.loaded.model)
+    session = build_session(tiny_run_config(toy_data, method=name, model=model,
+                                            method_options={"dropout": 0.0, **options}))
+    return session.prep, session.method, session.model
 
 
 def _train(prep, method, model, stage, steps_items=8):

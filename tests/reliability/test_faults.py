@@ -114,7 +114,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_finished_stages(toy_data,
 
 def test_a_task_name_cannot_write_outside_the_run_directory(tmp_path):
     from dealcl.errors import UserError
-    from dealcl.runs.store import RunStore
+    from dealcl.runs.layout import RunStore
 
     store = RunStore(tmp_path / "run")
     with pytest.raises(UserError, match="outside the run directory"):

@@ -15,7 +15,8 @@ from typing import Any
 from ..errors import UserError
 from ..eval.metrics import bootstrap_intervals, exact_match
 from .config import RunConfig, validate, with_recipe
-from .driver import PREDICTIONS, run_continual
+from .driver import run_continual
+from .layout import AA_BWT_PLOT, COMPARISON, COMPARISON_MD, EFFICIENCY, PREDICTIONS, RESULTS, SWEEP
 from .report import RunSummary, load_run
 from .store import atomic_write_json, atomic_write_text
 
@@ -29,7 +30,7 @@ def swept_rates(folder: Path, methods: list[str]) -> dict[str, float]:
     """Each method's learning rate as chosen by `dealcl sweep --output <folder>/<method>`."""
     rates = {}
     for method in methods:
-        path = folder / method.replace("/", "_") / "sweep.json"
+        path = folder / method.replace("/", "_") / SWEEP
         try:
             chosen = json.loads(path.read_text()).get("chosen_lr")
         except (OSError, ValueError):
@@ -75,8 +76,8 @@ def _correct_by_stage(run_dir: Path, task_order: list[str]) -> dict[tuple[int, i
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:
     summary: RunSummary = load_run(run_dir)
-    results = json.loads((run_dir / "results.json").read_text())
-    efficiency = json.loads((run_dir / "efficiency.json").read_text()).get("stages", [])
+    results = json.loads((run_dir / RESULTS).read_text())
+    efficiency = json.loads((run_dir / EFFICIENCY).read_text()).get("stages", [])
     speeds = [s["train_samples_per_second"] for s in efficiency if s.get("train_samples_per_second")]
     intervals = bootstrap_intervals(_correct_by_stage(run_dir, summary.task_order), len(summary.task_order))
     invalid = results.get("invalid_rate_matrix") or [[]]
@@ -152,7 +153,7 @@ def markdown(comparison: dict[str, Any], base: RunConfig) -> str:
             + f" | {_fmt(invalid, 1)} | {_fmt(m['train_samples_per_second'])} | {_fmt(m['peak_memory_mb'], 0)}"
             + f" | {m['trainable_parameters'] or '—'} |"
         )
-    lines += ["", "![AA and BWT per method](aa_bwt.png)", ""]
+    lines += ["", f"![AA and BWT per method]({AA_BWT_PLOT})", ""]
     for run in runs:
         lines += [f"![{run['run']} accuracy matrix]({run['run']}_matrix.png) ![{run['run']} per-task accuracy]({run['run']}_curves.png)"]
     return "\n".join(lines) + "\n"
@@ -199,8 +200,8 @@ def compare(base: RunConfig, methods: list[str], orders: list[int | None], outpu
     else:
         what = f"mean over {len(orders)} orders; bars: sd"
         aa_err, bwt_err = ([comparison["methods"][m][f"{key}_spread"] or 0 for m in names] for key in ("aa", "bwt"))
-    plots.metric_bars(names, aa, bwt, output / "aa_bwt.png", f"AA and BWT per method on {base.model} ({what})",
+    plots.metric_bars(names, aa, bwt, output / AA_BWT_PLOT, f"AA and BWT per method on {base.model} ({what})",
                       aa_err=aa_err, bwt_err=bwt_err)
-    atomic_write_json(output / "comparison.json", comparison)
-    atomic_write_text(output / "comparison.md", markdown(comparison, base))
+    atomic_write_json(output / COMPARISON, comparison)
+    atomic_write_text(output / COMPARISON_MD, markdown(comparison, base))
     return comparison

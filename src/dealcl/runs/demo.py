@@ -18,8 +18,8 @@ import torch
 from ..data.benchmarks import resolve_sequence
 from ..data.loading import default_data_dir, load_task
 from .config import RunConfig, config_from_dict
+from .layout import RunStore
 from .progress import Workload
-from .store import RunStore
 
 # (training, test) examples per task, largest first: the demo takes the first that fits.
 CAPS = [(96, 40), (64, 32), (48, 24), (32, 16), (24, 12), (16, 8)]
@@ -37,29 +37,27 @@ def probe(loaded, task_name: str, precision: str = "auto") -> tuple[float, float
     """(seconds per training example, seconds per answer, precision) on this machine: two
     LoRA steps of batch 8 after a warm-up one, and one answer batch of 8, on `task_name`.
     The LoRA is removed afterwards: `loaded.model` is the untouched model again."""
-    from ..methods import REGISTRY, Stage
-    from ..prompts import PromptEncoder
-    from ..train.loop import TrainingServices, TrainSettings, resolve_precision, train_stage
-    from ..eval.generate import generate_answers
+    from ..methods import Stage
+    from ..train.loop import train_stage
+    from .session import build_session
 
-    device = torch.device("cpu")
-    precision = resolve_precision(precision, device)
-    task = load_task(task_name, default_data_dir(), train_per_task=24, test_per_task=8)
-    services = TrainingServices(PromptEncoder(loaded.tokenizer, loaded.arch), loaded.arch, precision, device)
-    started = time.perf_counter()
-    answers, _ = generate_answers(loaded.model, services.encoder, task, [e.sentence for e in task.test],
-                                  arch=loaded.arch, batch_size=8, device=device, autocast=services.autocast,
-                                  progress=False)
-    answer_seconds = (time.perf_counter() - started) / len(answers)
-    method = REGISTRY["seqlora"](REGISTRY["seqlora"].config_class(), services)
+    config = RunConfig(method="seqlora", model=loaded.name, tasks=[task_name], train_per_task=24, test_per_task=8,
+                       precision=precision, lr=1e-4, eval_batch_size=8)
     with torch.random.fork_rng(devices=[]):
-        model = method.prepare_model(loaded.model)
+        session = build_session(config, loaded, prepare_model=False)
+        task = session.tasks[0]
+        started = time.perf_counter()
+        answers, _ = session.evaluator().answers(loaded.model, task, None)
+        answer_seconds = (time.perf_counter() - started) / len(answers)
+        model = session.prepare_model()
         items = [(task, e) for e in task.train]
-        settings = TrainSettings(lr=1e-4, batch_size=8)
-        train_stage(model, method, Stage(1, task.name, [task]), items[:8], settings, services, progress=False)
-        stats = train_stage(model, method, Stage(2, task.name, [task]), items[8:], settings, services, progress=False)
+        settings = session.settings(Stage(1, task.name, [task]))
+        train_stage(model, session.method, Stage(1, task.name, [task]), items[:8], settings, session.services,
+                    progress=False)
+        stats = train_stage(model, session.method, Stage(2, task.name, [task]), items[8:], settings, session.services,
+                            progress=False)
     loaded.model = model.unload()
-    return stats["train_seconds"] / stats["train_examples"], answer_seconds, precision
+    return stats["train_seconds"] / stats["train_examples"], answer_seconds, session.prep.precision
 
 
 def task_sizes(tasks: list[str]) -> dict[str, tuple[int, int]]:

@@ -15,32 +15,46 @@ from ..eval.metrics import score_task
 from ..eval.score import score_answers
 from ..methods import ContinualMethod, Stage
 from ..prompts import PromptEncoder
-from ..train.loop import TrainingServices
-from .driver import Prepared, prepare, resume_config
-from .store import RunStore, atomic_write_text, verify_stage_dir
+from ..train.services import TrainingServices
+from .driver import resume_config
+from .layout import RunStore
+from .session import Prepared, Session, build_session
+from .store import atomic_write_text, verify_stage_dir
 
 
 @dataclass
 class FinalModel:
-    prep: Prepared
-    method: ContinualMethod
-    model: torch.nn.Module
-    encoder: PromptEncoder
-    services: TrainingServices
-    stage: Stage
+    session: Session
+    stage: Stage  # the last finished stage, whose state the model holds
+
+    @property
+    def prep(self) -> Prepared:
+        return self.session.prep
+
+    @property
+    def method(self) -> ContinualMethod:
+        return self.session.method
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.session.model
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        return self.session.encoder
+
+    @property
+    def services(self) -> TrainingServices:
+        return self.session.services
 
 
 def load_final_model(run_dir: Path) -> FinalModel:
     """The run's model after its last finished stage, exactly as the driver left it."""
     run_dir = Path(run_dir)
-    config = resume_config(run_dir)
-    prep = prepare(config)
+    session = build_session(resume_config(run_dir))
     store = RunStore(run_dir)
-    encoder = PromptEncoder(prep.loaded.tokenizer, prep.loaded.arch, config.max_source_length, config.prompt_style)
-    services = TrainingServices(encoder, prep.loaded.arch, prep.precision, prep.device)
-    method = prep.method_class(prep.method_options, services)
-    model = method.prepare_model(prep.loaded.model)
-    stages = method.stages(prep.tasks)
+    method, model = session.method, session.model
+    stages = session.stages()
     finished = [s for s in stages if verify_stage_dir(store.adapter_dir(s.index, s.name)) is None]
     if not finished:
         raise UserError(f"{run_dir} has no finished stage yet: run `dealcl resume {run_dir}` first")
@@ -49,7 +63,7 @@ def load_final_model(run_dir: Path) -> FinalModel:
         print(f"note: {run_dir} is not finished; using the model after stage {last.index} ({last.name})", file=sys.stderr)
     method.load_state(model, store.adapter_dir(last.index, last.name), last)
     model.eval()
-    return FinalModel(prep, method, model, encoder, services, last)
+    return FinalModel(session, last)
 
 
 def predict_file(run_dir: Path, input_path: Path, *, task_name: str | None = None, output: Path | None = None) -> None:

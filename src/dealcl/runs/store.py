@@ -1,17 +1,10 @@
-"""The run directory on disk: atomic files, per-stage folders with sha256 manifests.
+"""Writing safely: atomic files and per-stage folders with sha256 manifests (what is where in a
+run directory is layout.py's).
 
 Every file is written to a temporary name, flushed, fsynced and renamed, so a kill leaves either
 the old file or the new one. A stage folder (`adapters/<k>-<task>/`, `outputs/<k>-<task>/`) is
 built under a temporary name with a `manifest.json` listing each file's sha256, then renamed into
 place: a folder whose manifest is missing or does not match is not a finished stage.
-
-    run.yaml                        effective config + provenance
-    logs/train_and_infer.log
-    adapters/<k>-<task>/            the method's state after stage k (safetensors + json)
-    outputs/0-reference/            the untouched model on every task (zero-shot b_j)
-    outputs/<k>-<task>/             predict_results.json, predict_eval_predictions.jsonl, predictions.json
-    results.json                    metrics only: identical for identical runs
-    efficiency.json                 wall time, throughput, memory per stage
 """
 from __future__ import annotations
 
@@ -23,8 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
-
-import yaml
 
 from ..errors import UserError
 from ..faults import fault_point
@@ -150,79 +141,3 @@ def verify_stage_dir(directory: Path, optional: tuple[str, ...] = ()) -> str | N
         if sha256_file(path) != expected:
             return f"{name} does not match its manifest"
     return None
-
-
-class RunStore:
-    """Paths and writers for one run directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "run.yaml"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "logs" / "train_and_infer.log"
-
-    @property
-    def results_path(self) -> Path:
-        return self.root / "results.json"
-
-    @property
-    def efficiency_path(self) -> Path:
-        return self.root / "efficiency.json"
-
-    def stage_name(self, index: int, name: str) -> str:
-        return f"{index}-{name}"
-
-    def adapter_dir(self, index: int, name: str) -> Path:
-        return self._inside(self.root / "adapters" / self.stage_name(index, name))
-
-    def output_dir(self, index: int, name: str) -> Path:
-        return self._inside(self.root / "outputs" / self.stage_name(index, name))
-
-    def _inside(self, path: Path) -> Path:
-        # Task names are validated when read; this is the last line of defence against a name
-        # that would write outside the run directory.
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.root.resolve()):
-            raise UserError(f"refusing to write outside the run directory: {path}")
-        return path
-
-    def remove_temporaries(self) -> list[Path]:
-        """Delete the temporary files and folders a killed writer leaves (`.<name>.*.tmp`)."""
-        removed = []
-        for folder in (self.root, self.root / "adapters", self.root / "outputs"):
-            if not folder.is_dir():
-                continue
-            for path in folder.iterdir():
-                if path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.endswith(".stale")):
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
-                    removed.append(path)
-        return removed
-
-    def is_run(self) -> bool:
-        return self.config_path.is_file()
-
-    def read_run_yaml(self) -> dict[str, Any]:
-        try:
-            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            raise UserError(f"{self.config_path} is unreadable or not valid YAML") from None
-        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-            raise UserError(f"{self.config_path} is not a dealcl run.yaml (no 'config' mapping)")
-        return data
-
-    def write_run_yaml(self, data: dict[str, Any]) -> None:
-        atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-    def read_json(self, path: Path, default: Any = None) -> Any:
-        try:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return default

@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..methods import resolve_method
 from .config import RunConfig, validate
 from .driver import run_continual
+from .layout import RESULTS, SWEEP, SWEEP_MD
 from .store import atomic_write_json, atomic_write_text
 
 
@@ -46,7 +47,7 @@ def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool =
     for config in configs:
         run_dir = output / f"lr-{config.lr:g}"
         say(f"== {run_dir.name}")
-        results = run_continual(config, run_dir, progress=progress) or json.loads((run_dir / "results.json").read_text())
+        results = run_continual(config, run_dir, progress=progress) or json.loads((run_dir / RESULTS).read_text())
         rows.append({"lr": config.lr, "run": run_dir.name, "validation_aa": results.get("average_accuracy"),
                      "validation_bwt": results.get("backward_transfer")})
     scored = [r for r in rows if r["validation_aa"] is not None]
@@ -56,7 +57,7 @@ def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool =
                "runs": rows, "chosen_lr": best and best["lr"],
                # The best rate at either end of the grid: the optimum may lie outside it.
                "chosen_at_edge": bool(best) and len(rates) > 1 and best["lr"] in (min(rates), max(rates))}
-    atomic_write_json(output / "sweep.json", summary)
+    atomic_write_json(output / SWEEP, summary)
     lines = [f"# Learning-rate sweep: {base.method} on {base.model}", "",
              f"Evaluated on {base.val_per_task} examples per task held out of the training files (not the test set).", "",
              "| lr | validation AA | validation BWT |", "|---|---|---|"]
@@ -67,5 +68,5 @@ def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool =
         lines.append(f"| {r['lr']:g}{mark} | {aa} | {bwt} |")
     if summary["chosen_at_edge"]:
         lines += ["", f"The chosen rate is at the end of the grid: a rate beyond {best['lr']:g} may score higher."]
-    atomic_write_text(output / "sweep.md", "\n".join(lines) + "\n")
+    atomic_write_text(output / SWEEP_MD, "\n".join(lines) + "\n")
     return summary
