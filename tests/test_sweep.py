@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-import dealcl.runs.driver as driver
+import dealcl.runs.session as session
 from dealcl.cli import main
 from dealcl.data.loading import load_task_with_validation
 
@@ -34,7 +34,7 @@ def test_sweep_scores_held_out_examples_and_picks_the_best_rate(toy_data, tmp_pa
     def no_training(*args, **kwargs):
         raise AssertionError("a finished sweep run was trained again")
 
-    monkeypatch.setattr(driver, "train_stage", no_training)
+    monkeypatch.setattr(session, "train_stage", no_training)
     assert main(_args(toy_data, out, "--val-per-task", "4")) == 0
 
 
@@ -64,7 +64,7 @@ def test_a_run_made_before_a_config_key_existed_still_resumes(toy_data, tmp_path
     data = yaml.safe_load(path.read_text())
     del data["config"]["eval_split"]
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    monkeypatch.setattr(driver, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(session, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     run_continual(config, tmp_path / "run", progress=False)
 
 
@@ -96,7 +96,7 @@ def test_a_changed_default_rate_does_not_pass_for_the_old_run(toy_data, tmp_path
     assert main([*base, "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lr: 0.001 → 0.002" in err[0]
-    monkeypatch.setattr(driver, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(session, "train_stage", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert main([*base, "--output", str(out), "--lr", "1e-3"]) == 0
     assert main(["resume", str(out), "--quiet"]) == 0
 
