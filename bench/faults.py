@@ -2,29 +2,29 @@
 
     python bench/faults.py [--kills 20] [--seed 0] [--method seqlora] [--workdir DIR]
 
-Every kill is planned at a point that the trial will reach: a trial runs under the same
-conditions as the clean run its points were counted in. Two kinds of trial:
-
-- alone: each trial in a folder of its own, so nothing next to it has a stage 0 to borrow
-  (`borrow_reference` in runs/driver.py looks in the run's parent folder and in sibling
-  folders holding a comparison.json); it evaluates stage 0, the zero-shot reference, itself.
-  Counted by the clean run, which runs alone the same way.
-- borrowing: the trial sits next to a finished copy of the clean run, so its stage 0 is
-  answered from the copy's identical stage 0 (no evaluation, only the writes of the copy).
-  Counted by a second clean run next to the same copy.
-
 A clean run of a 3-task sequence on the tiny random LLaMA counts how often each fault point
-is reached (training steps, checkpoint writes, evaluation batches, results writes), and which
-occurrences fall inside stage 0. Then each trial starts the same run, lets it SIGKILL itself
-at a seeded random occurrence of one point (`DEALCL_FAULT`, see src/dealcl/faults.py),
-resumes it with `dealcl resume`, and checks: the kill happened (exit -9) where planned (a kill
-planned inside stage 0 finds stage 0 unfinished and nothing trained; an alone trial never
-borrows, a borrowing one borrows before the kill and again on resume), results.json and every
-prediction file are byte-identical to the clean run's, every stage folder matches its
-manifest, and no temporary file is left. Phases are taken in turn, so every phase gets at
-least one kill; the first kill of each phase that occurs in stage 0 is placed there: in a
-borrowed stage 0 where the phase occurs in one (the copy's writes), else in an alone trial's
-own stage 0 (its evaluation).
+is reached (training steps, checkpoint writes, evaluation batches, results writes) and which
+occurrences fall inside stage 0, the zero-shot reference. Then each trial starts the same run,
+lets it SIGKILL itself at a seeded random occurrence of one point (`DEALCL_FAULT`, see
+src/dealcl/faults.py), resumes it with `dealcl resume`, and checks: the kill fired where it
+was planned, results.json and every prediction file are byte-identical to the clean run's,
+every stage folder matches its manifest, and no temporary file is left.
+
+A trial runs under the conditions its points were counted in, so every planned kill is at a
+point it reaches. Stage 0 is borrowed from a finished identical stage 0 in the run's parent
+folder (or a sibling folder holding a comparison.json: `borrow_reference` in runs/driver.py),
+which skips its evaluation, so there are two kinds of trial:
+
+- alone: in a folder of its own, nothing to borrow; it evaluates stage 0 itself. Counted by
+  the clean run, alone in its folder the same way.
+- borrowing: next to a finished copy of the clean run; stage 0 is answered from the copy and
+  only written. Counted by a second clean run next to the same copy.
+
+Phases are taken in turn, so every phase gets at least one kill. The first kill of each
+phase that occurs in stage 0 lands there: in a borrowed stage 0 (its writes) where the phase
+occurs in one, else in an alone trial's stage 0 (its evaluation). A kill inside stage 0 must
+find stage 0 unfinished and nothing trained; an alone trial must never borrow, a borrowing
+one must borrow before the kill and again on resume.
 """
 from __future__ import annotations
 
@@ -76,7 +76,6 @@ class Counts:
 @dataclass
 class Campaign:
     kills: collections.Counter = field(default_factory=collections.Counter)
-    in_stage0: collections.Counter = field(default_factory=collections.Counter)  # ALONE / BORROWING
     planned: list[Kill] = field(default_factory=list)
     landed: list[Kill] = field(default_factory=list)
     survived: int = 0
@@ -91,18 +90,14 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @dataclass(frozen=True)
 class Setup:
-    """The run every trial repeats: a toy sequence on the tiny random LLaMA."""
+    """The run every trial repeats: a 3-task toy sequence on the tiny random LLaMA."""
     data: Path
     method: str = "seqlora"
-    tasks: str = "toyA,toyB,toyC"
-    train_per_task: int = 16
-    test_per_task: int = 8
 
     def args(self, output: Path) -> list[str]:
-        return ["run", "--tasks", self.tasks, "--model", "tiny-llama", "--data", str(self.data), "--output", str(output),
-                "--method", self.method, "--precision", "fp32", "--batch-size", "4", "--lr", "5e-3", "--seed", "3",
-                "--train-per-task", str(self.train_per_task), "--test-per-task", str(self.test_per_task),
-                "--quiet", "epochs=2"]
+        return ["run", "--tasks", "toyA,toyB,toyC", "--model", "tiny-llama", "--data", str(self.data),
+                "--output", str(output), "--method", self.method, "--precision", "fp32", "--batch-size", "4",
+                "--lr", "5e-3", "--seed", "3", "--train-per-task", "16", "--test-per-task", "8", "--quiet", "epochs=2"]
 
 
 def outputs_of(run_dir: Path) -> dict[str, bytes]:
@@ -185,9 +180,10 @@ def count(workdir: Path, setup: Setup, env: dict[str, str]) -> tuple[Counts, dic
     if BORROWED in done.stderr:
         raise SystemExit(f"the clean run borrowed its stage 0: {workdir} holds another run")
     reference = outputs_of(clean)
-    files = len(json.loads((clean / REFERENCE_DIR / MANIFEST).read_text())["files"]) \
-        if (clean / REFERENCE_DIR / MANIFEST).is_file() else 0
-    counts.total[ALONE], counts.stage0[ALONE] = collections.Counter(trace), stage0_occurrences(trace, files) if files else {}
+    manifest = clean / REFERENCE_DIR / MANIFEST
+    files = len(json.loads(manifest.read_text())["files"]) if manifest.is_file() else 0  # 0: no stage 0
+    counts.total[ALONE] = collections.Counter(trace)
+    counts.stage0[ALONE] = stage0_occurrences(trace, files) if files else {}
 
     borrowing = workdir / "borrowing"
     shutil.copytree(clean, borrowing / "sibling")  # a finished run next to the trials: stage 0 to borrow
@@ -197,17 +193,19 @@ def count(workdir: Path, setup: Setup, env: dict[str, str]) -> tuple[Counts, dic
     if outputs_of(borrowing / "count") != reference:
         raise SystemExit("a run that borrowed its stage 0 ended differently from the clean run")
     shutil.rmtree(borrowing / "count")
-    counts.total[BORROWING], counts.stage0[BORROWING] = collections.Counter(trace), stage0_occurrences(trace, files) if files else {}
+    counts.total[BORROWING] = collections.Counter(trace)
+    counts.stage0[BORROWING] = stage0_occurrences(trace, files) if files else {}
     return counts, reference, borrowing
 
 
-def trial(number: int, kill: Kill, total: int, setup: Setup, run_dir: Path, env: dict[str, str], reference: dict[str, bytes], result: Campaign) -> str | None:
+def trial(number: int, kill: Kill, total: int, setup: Setup, run_dir: Path, env: dict[str, str],
+          reference: dict[str, bytes], result: Campaign) -> str | None:
     """One kill and its resume; returns the line to echo, or None after a failure."""
     name = f"trial {number}: {kill.phase}:{kill.at}{kill.where}"
     killed = _run(setup.args(run_dir), {**env, "DEALCL_FAULT": f"{kill.phase}:{kill.at}"})
     if killed.returncode != -9:
-        result.failures.append(f"trial {number}: expected a SIGKILL at {kill.phase}:{kill.at}{kill.where}, "
-                               f"got exit {killed.returncode}")
+        result.failures.append(f"trial {number}: expected a SIGKILL at {kill.phase}:{kill.at}{kill.where} "
+                               f"({kill.kind}), got exit {killed.returncode}")
         return None
     borrowed = BORROWED in killed.stderr
     if kill.kind == ALONE and borrowed:
@@ -224,8 +222,6 @@ def trial(number: int, kill: Kill, total: int, setup: Setup, run_dir: Path, env:
             return None
     result.kills[kill.phase] += 1
     result.landed.append(kill)
-    if kill.stage0:
-        result.in_stage0[kill.kind] += 1
     resumed = _run(["resume", str(run_dir), "--quiet"], env)
     if resumed.returncode != 0:
         result.failures.append(f"{name}: resume failed: {resumed.stderr.strip()[-300:]}")
@@ -256,9 +252,9 @@ def campaign(workdir: Path, kills: int, seed: int, method: str = "seqlora",
         run_dir = folder / ("run" if kill.kind == ALONE else f"trial-{number}")
         shutil.rmtree(run_dir, ignore_errors=True)
         line = trial(number, kill, counts.total[kill.kind][kill.phase], setup, run_dir, env, reference, result)
-        if line is not None:
+        if line is not None:  # a failed trial's folder is kept, to look at
             echo(f"trial {number:>2} ({kill.kind}): {line}")
-        shutil.rmtree(folder if kill.kind == ALONE else run_dir, ignore_errors=True)
+            shutil.rmtree(folder if kill.kind == ALONE else run_dir, ignore_errors=True)
     return result
 
 
@@ -271,6 +267,10 @@ def main() -> int:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dealcl-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from host import host_line
+
+    print(host_line(), flush=True)
     started = time.perf_counter()
     try:
         result = campaign(workdir, args.kills, args.seed, args.method)
@@ -278,8 +278,9 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print("kills per phase: " + ", ".join(f"{p} {result.kills[p]}" for p in POINTS))
-    print(f"kills inside stage 0: {result.in_stage0[ALONE]} in its own evaluation or writes, "
-          f"{result.in_stage0[BORROWING]} in a borrowed one")
+    inside = collections.Counter((k.kind, k.phase == "eval-batch") for k in result.landed if k.stage0)
+    print(f"kills inside stage 0: {inside[ALONE, True]} in its evaluation, {inside[ALONE, False]} in its writes, "
+          f"{inside[BORROWING, False]} in a borrowed stage 0's writes")
     for failure in result.failures:
         print(f"  {failure}")
     print(f"kills survived: {result.survived}, results identical: {'yes' if result.identical else 'no'}, "

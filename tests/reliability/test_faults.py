@@ -40,7 +40,6 @@ def test_a_short_campaign_lands_every_planned_kill_and_resumes_identically(tmp_p
     stage0 = {(k.phase, k.kind) for k in result.landed if k.stage0}
     assert stage0 == {("eval-batch", faults.ALONE), ("results-write", faults.BORROWING),
                       ("checkpoint-write", faults.BORROWING)}
-    assert dict(result.in_stage0) == {faults.ALONE: 1, faults.BORROWING: 2}
     assert result.survived == 4 and result.identical and result.corrupt == []
 
 
