@@ -5,6 +5,7 @@ import errno
 import importlib.util
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,43 @@ def _bench_faults():
     return module
 
 
-def test_sigkill_in_training_checkpointing_and_evaluation_then_resume(tmp_path):
+def test_a_short_campaign_lands_every_planned_kill_and_resumes_identically(tmp_path):
+    """One kill per phase: training, a borrowed stage 0's copy (its writes and its folder), and
+    an unborrowed stage 0's own evaluation. Each must fire where it was planned (a trial that
+    borrowed a stage 0 it was counted without, or the reverse, misses or misplaces its kill)."""
     faults = _bench_faults()
-    result = faults.campaign(tmp_path, kills=3, seed=1, phases=("train-step", "checkpoint-write", "eval-batch"),
-                             echo=lambda _: None)
+    result = faults.campaign(tmp_path, kills=4, seed=1, echo=lambda _: None)
     assert result.failures == []
-    assert dict(result.kills) == {"train-step": 1, "checkpoint-write": 1, "eval-batch": 1}
-    assert result.survived == 3 and result.identical and result.corrupt == []
+    assert len(result.planned) == 4 and result.landed == result.planned
+    assert dict(result.kills) == {"train-step": 1, "checkpoint-write": 1, "eval-batch": 1, "results-write": 1}
+    stage0 = {(k.phase, k.kind) for k in result.landed if k.stage0}
+    assert stage0 == {("eval-batch", faults.ALONE), ("results-write", faults.BORROWING),
+                      ("checkpoint-write", faults.BORROWING)}
+    assert result.survived == 4 and result.identical and result.corrupt == []
+
+
+def test_kills_are_planned_only_at_points_a_trial_of_that_kind_reaches():
+    faults = _bench_faults()
+    # A run's points: run.yaml, stage 0 (3 evaluation batches when alone, none when borrowed;
+    # then its 5 files and its folder), then one trained stage.
+    stage1 = ["train-step"] * 4 + ["checkpoint-write", "eval-batch"] + ["results-write"] * 4 + ["checkpoint-write"]
+    alone = ["results-write"] + ["eval-batch"] * 3 + ["results-write"] * 5 + ["checkpoint-write"] + stage1
+    borrowing = ["results-write"] * 6 + ["checkpoint-write"] + stage1
+    assert faults.stage0_occurrences(alone, 5) == {"eval-batch": [1, 2, 3], "results-write": [2, 3, 4, 5, 6],
+                                                   "checkpoint-write": [1]}
+    assert faults.stage0_occurrences(borrowing, 5) == {"results-write": [2, 3, 4, 5, 6], "checkpoint-write": [1]}
+    counts = faults.Counts(total={faults.ALONE: Counter(alone), faults.BORROWING: Counter(borrowing)},
+                           stage0={faults.ALONE: faults.stage0_occurrences(alone, 5),
+                                   faults.BORROWING: faults.stage0_occurrences(borrowing, 5)})
+    for seed in range(20):
+        plan = faults.plan_kills(counts, 12, seed)
+        assert Counter(k.phase for k in plan) == {p: 3 for p in faults.POINTS}
+        for kill in plan:
+            assert 1 <= kill.at <= counts.total[kill.kind][kill.phase], kill
+            assert kill.stage0 == (kill.at in counts.stage0[kill.kind].get(kill.phase, [])), kill
+        assert {k.kind for k in plan if k.phase == "eval-batch"} == {faults.ALONE}  # a borrowed stage 0 never evaluates
+        assert any(k.stage0 and k.phase == "eval-batch" for k in plan)
+        assert {k.phase for k in plan if k.kind == faults.BORROWING} == {"results-write", "checkpoint-write"}
 
 
 def _cli_args(data: Path, out: Path) -> list[str]:
