@@ -159,3 +159,37 @@ def _summary(name: str, packages: dict):
 
     return RunSummary(name=name, task_order=["a"], matrix=[[1.0]], reference=None, method=None, model=None,
                       source="dealcl", packages=packages)
+
+
+def test_report_draws_the_loss_curve_of_the_whole_sequence(tmp_path, capsys):
+    from dealcl.cli import main
+
+    run_dir = _dealcl_run(tmp_path / "run", PACKAGES, step_losses=[[3.0, 2.0, 1.5], [2.5, 1.0]])
+    assert main(["report", str(run_dir)]) == 0
+    plot = run_dir / "run_loss.png"
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    assert "![training loss per step](run_loss.png)" in (run_dir / "report.md").read_text()
+
+    # Several runs: one curve per run with step losses, none for a run that trained nothing.
+    zero = _dealcl_run(tmp_path / "zero", PACKAGES, step_losses=[[], []])
+    assert main(["report", str(run_dir), str(zero), "--output", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "run_loss.png").is_file() and not (tmp_path / "rep" / "zero_loss.png").exists()
+    assert "zero_loss.png" not in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_loss_curve_plots_every_step_in_sequence_with_stage_boundaries(tmp_path, monkeypatch):
+    from dealcl.runs import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.setdefault("figure", figure) and path)
+    run = load_run(_dealcl_run(tmp_path / "run", PACKAGES, step_losses=[[3.0, 2.0, 1.5], [2.5, 1.0]]))
+    assert run.step_losses == [("a", [3.0, 2.0, 1.5]), ("b", [2.5, 1.0])]
+    plots.loss_curve(run, tmp_path / "loss.png")
+    axes = drawn["figure"].axes[0]
+    curves = [line for line in axes.get_lines() if line.get_linestyle() == "-"]
+    boundaries = [line for line in axes.get_lines() if line.get_linestyle() == "--"]
+    assert [list(c.get_xdata()) for c in curves] == [[1, 2, 3], [4, 5]]
+    assert [list(c.get_ydata()) for c in curves] == [[3.0, 2.0, 1.5], [2.5, 1.0]]
+    assert [line.get_xdata()[0] for line in boundaries] == [3.5]  # between stage 1's last step and stage 2's first
+    assert [t.get_text() for t in axes.texts] == ["a", "b"]
+    plots.plt.close(drawn["figure"])

@@ -41,6 +41,8 @@ class RunSummary:
     joint: bool = False
     # run.yaml `provenance.packages` (python, torch, transformers, …), None where not recorded.
     packages: dict[str, str] | None = None
+    # efficiency.json: (stage task, its training step losses) per stage, None without the file.
+    step_losses: list[tuple[str, list[float]]] | None = None
 
     @property
     def average_accuracy(self) -> float | None:
@@ -101,6 +103,25 @@ def _packages(run_dir: Path) -> dict[str, str] | None:
     return {str(name): str(version) for name, version in packages.items() if version is not None}
 
 
+def _step_losses(run_dir: Path) -> list[tuple[str, list[float]]] | None:
+    """Per stage of efficiency.json, its task and training step losses (empty for a stage that
+    trains nothing); None when the run has no efficiency.json."""
+    path = run_dir / "efficiency.json"
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, list):
+        raise UserError(f"{path} has no list of `stages`")
+    out = []
+    for k, stage in enumerate(stages, 1):
+        losses = stage.get("step_losses") if isinstance(stage, dict) else None
+        if not isinstance(losses, list) or not all(isinstance(v, (int, float)) for v in losses):
+            losses = []
+        out.append((str(stage.get("task", k)) if isinstance(stage, dict) else str(k), [float(v) for v in losses]))
+    return out
+
+
 def _load_dealcl(run_dir: Path) -> RunSummary:
     results_path = run_dir / "results.json"
     results = _read_json(results_path)
@@ -113,7 +134,7 @@ def _load_dealcl(run_dir: Path) -> RunSummary:
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=results.get("reference"),
         method=method, model=model, source="dealcl", joint=bool(results.get("joint", False)),
-        packages=_packages(run_dir),
+        packages=_packages(run_dir), step_losses=_step_losses(run_dir),
     )
 
 
@@ -333,6 +354,9 @@ def write_report(runs: list[RunSummary], directory: Path) -> Path:
         heat = plots.heatmap(run, directory / f"{slug}_matrix.png")
         curves = plots.forgetting_curves(run, directory / f"{slug}_curves.png")
         lines += [f"## {run.name}", "", f"![accuracy matrix]({heat.name})", "", f"![per-task accuracy]({curves.name})", ""]
+        if run.step_losses and any(losses for _, losses in run.step_losses):
+            loss = plots.loss_curve(run, directory / f"{slug}_loss.png")
+            lines += [f"![training loss per step]({loss.name})", ""]
     path = directory / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
