@@ -11,6 +11,7 @@ from dealcl.eval.metrics import (
     forward_transfer,
     mean_forgetting,
     normalize_answer,
+    rouge,
     rouge_l,
     score_task,
     summarize,
@@ -41,6 +42,23 @@ def test_rouge_l():
     assert rouge_l("a b c d", "a c") == pytest.approx(2 / 3)
 
 
+def test_rouge_stems_like_upstream():
+    # Porter stems: "the cats are running" -> the cat are run (4 tokens; "are" is too short to
+    # stem), "a cat runs" -> a cat run (3). Common unigrams: cat, run = 2, in the same order, so
+    # LCS = 2 too. P = 2/3, R = 2/4, F = 2PR/(P+R) = 4/7 for both. Unstemmed, nothing matches.
+    scores = rouge("a cat runs", "the cats are running")
+    assert scores["rouge1"] == pytest.approx(4 / 7)
+    assert scores["rougeL"] == pytest.approx(4 / 7)
+    # The same three stems in reverse order: every unigram matches (ROUGE-1 = 1), the longest
+    # common subsequence is one token (ROUGE-L: P = R = 1/3).
+    reordered = rouge("dogs chase cats", "cats chase dogs")
+    assert reordered["rouge1"] == pytest.approx(1.0)
+    assert reordered["rougeL"] == pytest.approx(1 / 3)
+    # rouge-score's tokenizer: lower case, anything outside a-z0-9 separates tokens.
+    assert rouge("Science & Technology!", "science technology") == {"rouge1": 1.0, "rougeL": 1.0}
+    assert rouge("", "cat") == {"rouge1": 0.0, "rougeL": 0.0}
+
+
 def test_score_task_exact_match_and_invalid_rate():
     labels = ["positive", "negative", "positive", "negative"]
     predictions = ["Positive.", "positive", "maybe", "Negative"]
@@ -48,9 +66,17 @@ def test_score_task_exact_match_and_invalid_rate():
     assert score["n"] == 4
     assert score["exact_match"] == pytest.approx(50.0)  # 1st and 4th
     assert score["invalid_rate"] == pytest.approx(25.0)  # only "maybe" is outside the label set
-    assert "rougeL" not in score
+    assert "rougeL" not in score and "rouge1" not in score
     with_rouge = score_task(predictions, labels, ["positive", "negative"], with_rouge=True)
     assert with_rouge["rougeL"] == pytest.approx(50.0)
+    assert with_rouge["rouge1"] == pytest.approx(50.0)
+
+
+def test_score_task_rouge_is_the_mean_over_examples_in_percent():
+    labels = ["the cats are running", "cats chase dogs"]
+    score = score_task(["a cat runs", "dogs chase cats"], labels, labels, with_rouge=True)
+    assert score["rouge1"] == pytest.approx(100 * (4 / 7 + 1) / 2)
+    assert score["rougeL"] == pytest.approx(100 * (4 / 7 + 1 / 3) / 2)
 
 
 def test_score_task_rejects_empty_or_mismatched():

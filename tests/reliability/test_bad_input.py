@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,17 @@ CASES = [
     ("model-path-missing", lambda t: _run_args(t, "--model", str(t / "nosuchmodel")), "nosuchmodel"),
     ("model-dir-not-a-model", lambda t: (_write(t / "notamodel/readme.txt", "hi"), _run_args(t, "--model", str(t / "notamodel")))[1], "notamodel"),
     ("gguf-not-gguf", lambda t: _run_args(t, "--model", str(_write(t / "fake.gguf", b"NOPE" + b"\0" * 64))), "fake.gguf"),
+    # GGUF header: magic, version uint32, tensor count and metadata count uint64, little-endian.
+    ("gguf-truncated-header", lambda t: _run_args(t, "--model", str(_write(t / "short.gguf", b"GGUF" + struct.pack("<I", 3) + b"\0\0"))),
+     "short.gguf is not a usable GGUF file: its header is truncated"),
+    ("gguf-no-tensors", lambda t: _run_args(t, "--model", str(_write(t / "empty.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0)))),
+     "empty.gguf is not a usable GGUF file: it holds no tensors"),
+    ("gguf-unknown-version", lambda t: _run_args(t, "--model", str(_write(t / "v9.gguf", b"GGUF" + struct.pack("<IQQ", 9, 1, 1) + b"\0" * 64))),
+     "GGUF version 9"),
+    ("gguf-counts-past-end", lambda t: _run_args(t, "--model", str(_write(t / "cut.gguf", b"GGUF" + struct.pack("<IQQ", 3, 200, 20) + b"\0" * 64))),
+     "cut.gguf is not a usable GGUF file: truncated"),
+    ("gguf-damaged-metadata", lambda t: _run_args(t, "--model", str(_write(t / "bad.gguf", b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + b"\xff" * 200))),
+     "bad.gguf"),
     ("output-holds-other-config", lambda t: (_finished_run(t), _run_args(t, "--train-per-task", "4", "--test-per-task", "2", "--lr", "0.5"))[1], "lr"),
     ("output-holds-other-things", lambda t: (_write(t / "out/notes.txt", "mine"), _run_args(t))[1], "out"),
     ("resume-not-a-run", lambda t: ["resume", str(t / "data")], "data"),
@@ -118,4 +130,15 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_real_process_refuses_a_truncated_gguf_header(tmp_path):
+    """The case that ended in a struct.error traceback under transformers 5.24: one line, exit 2."""
+    _data(tmp_path)
+    fake = _write(tmp_path / "x.gguf", b"GGUF" + struct.pack("<I", 3) + b"\0\0")
+    proc = subprocess.run([sys.executable, "-m", "dealcl", *_run_args(tmp_path, "--model", str(fake))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {fake} is not a usable GGUF file: its header is truncated (10 bytes)"]
     assert not (tmp_path / "out").exists()

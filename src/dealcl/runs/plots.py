@@ -1,4 +1,5 @@
-"""The plots a reader looks at first: accuracy-matrix heatmaps, AA/BWT bars, forgetting curves.
+"""The plots a reader looks at first: accuracy-matrix heatmaps, AA/BWT bars, forgetting curves,
+the training loss across the whole sequence.
 
 Every axis names its tasks and units and every title says method, model and order, so a
 figure still reads correctly when it is copied into a README on its own.
@@ -69,6 +70,31 @@ def forgetting_curves(run: RunSummary, path: Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2 if len(run.task_order) > 6 else 1, loc="best")
     axes.set_title(_title(run, "Per-task accuracy across stages"), fontsize=10)
+    return _save(figure, path)
+
+
+def loss_curve(run: RunSummary, path: Path) -> Path:
+    """Every training step's loss, stage after stage on one axis, a dashed line where a stage
+    ends and its task named above it (a stage that trains nothing takes no width)."""
+    stages = run.step_losses or []
+    figure, axes = plt.subplots(figsize=(max(6.5, min(14.0, 0.004 * sum(len(s) for _, s in stages) + 6)), 3.8))
+    many = sum(bool(losses) for _, losses in stages) > 6
+    start = 0
+    for k, (task, losses) in enumerate(stages):
+        if not losses:
+            continue
+        steps = range(start + 1, start + len(losses) + 1)
+        axes.plot(steps, losses, linewidth=1, color=f"C{k % 10}")
+        if start > 0:
+            axes.axvline(start + 0.5, color="grey", linestyle="--", linewidth=0.8)
+        axes.annotate(task, (start + 0.5 + len(losses) / 2, 1.01), xycoords=("data", "axes fraction"),
+                      ha="left" if many else "center", va="bottom", fontsize=7, rotation=45 if many else 0)
+        start += len(losses)
+    axes.set_xlabel("training step (whole sequence)")
+    axes.set_ylabel("loss (task + method terms)")
+    axes.set_xlim(0.5, start + 0.5)
+    axes.grid(alpha=0.3)
+    axes.set_title(_title(run, "Training loss per step, stage boundaries dashed"), fontsize=10, pad=40 if many else 14)
     return _save(figure, path)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ class RunSummary:
     model: str | None
     source: str  # "dealcl" or "upstream"
     joint: bool = False
+    # run.yaml `provenance.packages` (python, torch, transformers, …), None where not recorded.
+    packages: dict[str, str] | None = None
+    # efficiency.json: (stage task, its training step losses) per stage, None without the file.
+    step_losses: list[tuple[str, list[float]]] | None = None
 
     @property
     def average_accuracy(self) -> float | None:
@@ -66,21 +71,55 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path} is unreadable or not valid JSON") from None
 
 
+def _run_yaml(run_dir: Path) -> dict:
+    """run.yaml as a mapping; {} when there is none."""
+    config_path = run_dir / "run.yaml"
+    if not config_path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise UserError(f"{config_path} is unreadable or not valid YAML") from None
+    return data if isinstance(data, dict) else {}
+
+
 def _method_and_model(run_dir: Path, results: dict) -> tuple[str | None, str | None]:
     """results.json's own keys first, then run.yaml at top level or under `config`."""
     method, model = results.get("method"), results.get("model")
-    config_path = run_dir / "run.yaml"
-    if config_path.is_file():
-        try:
-            data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            raise UserError(f"{config_path} is unreadable or not valid YAML") from None
-        if isinstance(data, dict):
-            for source in (data, data.get("config")):
-                if isinstance(source, dict):
-                    method = method or source.get("method")
-                    model = model or source.get("model")
+    data = _run_yaml(run_dir)
+    for source in (data, data.get("config")):
+        if isinstance(source, dict):
+            method = method or source.get("method")
+            model = model or source.get("model")
     return (str(method) if method is not None else None, str(model) if model is not None else None)
+
+
+def _packages(run_dir: Path) -> dict[str, str] | None:
+    """run.yaml's `provenance.packages`: the versions the run was made with."""
+    provenance = _run_yaml(run_dir).get("provenance")
+    packages = provenance.get("packages") if isinstance(provenance, dict) else None
+    if not isinstance(packages, dict):
+        return None
+    return {str(name): str(version) for name, version in packages.items() if version is not None}
+
+
+def _step_losses(run_dir: Path) -> list[tuple[str, list[float]]] | None:
+    """Per stage of efficiency.json, its task and training step losses (empty for a stage that
+    trains nothing); None when the run has no efficiency.json."""
+    path = run_dir / "efficiency.json"
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, list):
+        raise UserError(f"{path} has no list of `stages`")
+    out = []
+    for k, stage in enumerate(stages, 1):
+        losses = stage.get("step_losses") if isinstance(stage, dict) else None
+        if not isinstance(losses, list) or not all(isinstance(v, (int, float)) for v in losses):
+            losses = []
+        out.append((str(stage.get("task", k)) if isinstance(stage, dict) else str(k), [float(v) for v in losses]))
+    return out
 
 
 def _load_dealcl(run_dir: Path) -> RunSummary:
@@ -95,6 +134,7 @@ def _load_dealcl(run_dir: Path) -> RunSummary:
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=results.get("reference"),
         method=method, model=model, source="dealcl", joint=bool(results.get("joint", False)),
+        packages=_packages(run_dir), step_losses=_step_losses(run_dir),
     )
 
 
@@ -136,7 +176,7 @@ def _load_outputs(outputs: Path, run_dir: Path) -> RunSummary | None:
     method, model = _method_and_model(run_dir, {})
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=reference,
-        method=method, model=model, source="upstream",
+        method=method, model=model, source="upstream", packages=_packages(run_dir),
     )
 
 
@@ -237,8 +277,34 @@ def _shorten(text: str | None, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def format_report(runs: list[RunSummary]) -> str:
-    """Each run's matrix and metrics, then (for several runs) a side-by-side summary table."""
+# Packages whose version changes numbers enough that runs made with different ones do not compare.
+COMPARED_PACKAGES = ("torch", "transformers", "peft")
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def version_mismatch(runs: list[RunSummary]) -> str | None:
+    """One `warning:` line when runs come from different torch/transformers/peft versions, else None.
+
+    Runs that recorded no version (upstream runs, old dealcl runs) are left out of the comparison."""
+    parts = []
+    for package in COMPARED_PACKAGES:
+        by_version: dict[str, list[str]] = {}
+        for run in runs:
+            version = (run.packages or {}).get(package)
+            if version is not None:
+                by_version.setdefault(version, []).append(run.name)
+        if len(by_version) > 1:
+            parts.append(f"{package} " + " vs ".join(f"{v} ({_names(names)})" for v, names in by_version.items()))
+    if not parts:
+        return None
+    return ("warning: the runs compared were made with different package versions: " + "; ".join(parts)
+            + " (run.yaml provenance.packages); differences between them may come from that")
+
+
+def _report_text(runs: list[RunSummary]) -> str:
     sections = ["\n".join(_run_lines(run)) for run in runs]
     if len(runs) > 1:
         header = ["run", "method", "model", "AA", "BWT", "FWT"]
@@ -249,6 +315,18 @@ def format_report(runs: list[RunSummary]) -> str:
         ]
         sections.append("\n".join(["== summary ==", *_table(header, rows, right_align_from=3)]))
     return "\n\n".join(sections) + "\n"
+
+
+def format_report(runs: list[RunSummary], *, warn: bool = True) -> str:
+    """Each run's matrix and metrics, then (for several runs) a side-by-side summary table.
+
+    With several runs from different torch/transformers/peft versions, `warn` prints one
+    `warning:` line on stderr (`version_mismatch`)."""
+    if warn and len(runs) > 1:
+        warning = version_mismatch(runs)
+        if warning:
+            print(warning, file=sys.stderr)
+    return _report_text(runs)
 
 
 def _slug(text: str) -> str:
@@ -262,7 +340,10 @@ def write_report(runs: list[RunSummary], directory: Path) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lines = ["# dealcl report", "", "```", format_report(runs).rstrip(), "```", ""]
+    lines = ["# dealcl report", "", "```", _report_text(runs).rstrip(), "```", ""]
+    warning = version_mismatch(runs) if len(runs) > 1 else None
+    if warning:
+        lines += [f"**{warning}**", ""]
     if len(runs) > 1:
         names = [_slug(r.name) for r in runs]
         plots.metric_bars(names, [r.average_accuracy for r in runs], [r.backward_transfer for r in runs],
@@ -273,6 +354,9 @@ def write_report(runs: list[RunSummary], directory: Path) -> Path:
         heat = plots.heatmap(run, directory / f"{slug}_matrix.png")
         curves = plots.forgetting_curves(run, directory / f"{slug}_curves.png")
         lines += [f"## {run.name}", "", f"![accuracy matrix]({heat.name})", "", f"![per-task accuracy]({curves.name})", ""]
+        if run.step_losses and any(losses for _, losses in run.step_losses):
+            loss = plots.loss_curve(run, directory / f"{slug}_loss.png")
+            lines += [f"![training loss per step]({loss.name})", ""]
     path = directory / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
