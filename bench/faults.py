@@ -12,7 +12,7 @@ every stage folder matches its manifest, and no temporary file is left.
 
 A trial runs under the conditions its points were counted in, so every planned kill is at a
 point it reaches. Stage 0 is borrowed from a finished identical stage 0 in the run's parent
-folder (or a sibling folder holding a comparison.json: `borrow_reference` in runs/driver.py),
+folder (or a sibling folder holding a comparison.json: `sibling_reference_answers` in runs/layout.py),
 which skips its evaluation, so there are two kinds of trial:
 
 - alone: in a folder of its own, nothing to borrow; it evaluates stage 0 itself. Counted by

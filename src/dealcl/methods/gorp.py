@@ -11,7 +11,7 @@ Per task t (§3.1, §3.2):
   IncLoRA adapter of upstream computes) and frozen;
 - full-rank target weights (T5: `EncDecAttention.q/v`; LLaMA family: `mlp.gate_proj`;
   `method.galore_targets`, regexes fully matching module names) trained by GaLore-projected
-  Adam (`projected_adam.py`, §3.3) with their own lr `galore_lr`, rank, gap and scale;
+  Adam (`_projected_adam.py`, §3.3) with their own lr `galore_lr`, rank, gap and scale;
 - a fresh optimizer (`build_optimizer`) with groups G (GaLore), L (LoRA A of task t: Adam on the
   memory-projected gradient) and R (LoRA B: plain Adam), ε 1e-6, no weight decay (§3.3);
 - at task end, the gradient-subspace memory is extended from Adam's first moments (§3.4) with
