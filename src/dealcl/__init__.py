@@ -12,3 +12,18 @@ import os as _os
 _os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 __version__ = "0.1.0"
+
+# (not `methods`: that name is the subpackage dealcl.methods)
+_API = ("run", "resume", "compare", "load_run", "report", "registered_methods")
+
+
+def __getattr__(name: str):
+    # The API is imported on first use, so `import dealcl` stays light (no torch).
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dealcl' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API]
