@@ -195,8 +195,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rates = swept_rates(Path(args.lrs_from), trained) if args.lrs_from else None
     compare(base, methods, orders, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr),
             rates=rates, user_keys=user_keys)
-    print((output / "comparison.md").read_text())
-    print(f"comparison: {output}/comparison.md, {output}/comparison.json")
+    from .runs.layout import COMPARISON, COMPARISON_MD
+
+    print((output / COMPARISON_MD).read_text())
+    print(f"comparison: {output / COMPARISON_MD}, {output / COMPARISON}")
     return 0
 
 
@@ -208,7 +210,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = build_config(Path(args.config) if args.config else None, _flags(args), args.overrides)
     output = Path(args.output) if args.output else Path("runs") / f"sweep-{config.method.replace('/', '_')}"
     summary = sweep(config, rates, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr))
-    print((output / "sweep.md").read_text())
+    from .runs.layout import SWEEP_MD
+
+    print((output / SWEEP_MD).read_text())
     print(f"chosen lr: {summary['chosen_lr']:g}" if summary["chosen_lr"] else "no run produced a validation score")
     return 0
 
@@ -291,7 +295,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_report(summaries))
     write_report(summaries, Path(args.output))
     minutes = (time.perf_counter() - started) / 60
-    print(f"demo done in {minutes:.1f} min; runs: {', '.join(map(str, runs))}; report: {args.output}/report.md")
+    from .runs.layout import REPORT
+
+    print(f"demo done in {minutes:.1f} min; runs: {', '.join(map(str, runs))}; report: {Path(args.output) / REPORT}")
     return 0
 
 

@@ -23,6 +23,9 @@ import yaml
 
 from ..errors import UserError
 from ..eval import metrics
+from .layout import (
+    AA_BWT_PLOT, EFFICIENCY, PREDICT_RESULTS, REPORT, RESULTS, RUN_YAML, UPSTREAM_ALL_RESULTS,
+)
 
 _STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
 _MISSING = "—"
@@ -73,7 +76,7 @@ def _read_json(path: Path) -> Any:
 
 def _run_yaml(run_dir: Path) -> dict:
     """run.yaml as a mapping; {} when there is none."""
-    config_path = run_dir / "run.yaml"
+    config_path = run_dir / RUN_YAML
     if not config_path.is_file():
         return {}
     try:
@@ -106,7 +109,7 @@ def _packages(run_dir: Path) -> dict[str, str] | None:
 def _step_losses(run_dir: Path) -> list[tuple[str, list[float]]] | None:
     """Per stage of efficiency.json, its task and training step losses (empty for a stage that
     trains nothing); None when the run has no efficiency.json."""
-    path = run_dir / "efficiency.json"
+    path = run_dir / EFFICIENCY
     if not path.is_file():
         return None
     data = _read_json(path)
@@ -123,7 +126,7 @@ def _step_losses(run_dir: Path) -> list[tuple[str, list[float]]] | None:
 
 
 def _load_dealcl(run_dir: Path) -> RunSummary:
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RESULTS
     results = _read_json(results_path)
     try:
         task_order = list(results["task_order"])
@@ -140,7 +143,7 @@ def _load_dealcl(run_dir: Path) -> RunSummary:
 
 def _stage_scores(stage_dir: Path) -> dict:
     """Upstream keys of one stage; predict_results.json is preferred over all_results.json."""
-    for name in ("predict_results.json", "all_results.json"):
+    for name in (PREDICT_RESULTS, UPSTREAM_ALL_RESULTS):
         if (stage_dir / name).is_file():
             scores = _read_json(stage_dir / name)
             if not isinstance(scores, dict):
@@ -183,7 +186,7 @@ def _load_outputs(outputs: Path, run_dir: Path) -> RunSummary | None:
 def load_run(path: Path) -> RunSummary:
     """A dealcl run directory, an upstream run directory, or an upstream `outputs` folder."""
     path = Path(path)
-    if (path / "results.json").is_file():
+    if (path / RESULTS).is_file():
         return _load_dealcl(path)
     if (path / "outputs").is_dir():
         summary = _load_outputs(path / "outputs", path)
@@ -347,8 +350,8 @@ def write_report(runs: list[RunSummary], directory: Path) -> Path:
     if len(runs) > 1:
         names = [_slug(r.name) for r in runs]
         plots.metric_bars(names, [r.average_accuracy for r in runs], [r.backward_transfer for r in runs],
-                          directory / "aa_bwt.png", "AA and BWT per run")
-        lines += ["![AA and BWT per run](aa_bwt.png)", ""]
+                          directory / AA_BWT_PLOT, "AA and BWT per run")
+        lines += [f"![AA and BWT per run]({AA_BWT_PLOT})", ""]
     for run in runs:
         slug = _slug(run.name) if len(runs) > 1 else "run"
         heat = plots.heatmap(run, directory / f"{slug}_matrix.png")
@@ -357,6 +360,6 @@ def write_report(runs: list[RunSummary], directory: Path) -> Path:
         if run.step_losses and any(losses for _, losses in run.step_losses):
             loss = plots.loss_curve(run, directory / f"{slug}_loss.png")
             lines += [f"![training loss per step]({loss.name})", ""]
-    path = directory / "report.md"
+    path = directory / REPORT
     atomic_write_text(path, "\n".join(lines))
     return path
