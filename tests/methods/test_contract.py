@@ -30,6 +30,10 @@ TRAINING_METHODS = [name for name in METHODS if REGISTRY[name].trains]
 # adapter per task, mtl has a single joint stage.
 UNCHAINED = {"deal-code", "pertask", "mtl"}
 ARCHS = ["tiny-llama", "tiny-t5"]
+# The next task starts from the merged model plus PEFT's factored ΔW x, which is zero at the wrap
+# only up to fp32 round-off (osf: ΔW = U_low S_low V_low − the same initial product, computed as one
+# rank-2r product; new_methods_spec.md §4.4.6). Everything else must be bit-identical.
+ROUNDOFF_AT_TASK_START = {"osf"}
 
 
 class Harness:
@@ -127,6 +131,12 @@ def test_model_after_task_is_the_model_the_next_task_starts_from(toy_data_sessio
     h.run_stage(first)
     evaluated = h.outputs()
     h.method.on_task_start(h.model, second)
+    if method in ROUNDOFF_AT_TASK_START:
+        started = h.outputs()
+        assert evaluated.keys() == started.keys()
+        for name in evaluated:
+            torch.testing.assert_close(started[name], evaluated[name], rtol=1e-5, atol=1e-5)
+        return
     assert_same(evaluated, h.outputs())
 
 
