@@ -252,6 +252,12 @@ class Osf(ContinualMethod):
                            rank_pattern={f"^{re.escape(name)}$": k for name, k in self.ranks.items()})
         self._peft = get_peft_model(model, config, adapter_name=ADAPTER)
         layers = dict(osf_layers(model))
+        for layer in layers.values():
+            # PEFT's OSF layer never sets the flag its own `disable_input_dtype_casting` reads
+            # (LoRA's does; peft 0.21.2), and the loop uses that helper under bf16: set PEFT's
+            # default (cast on) so the helper can switch it off and back.
+            if not hasattr(layer, "cast_input_dtype_enabled"):
+                layer.cast_input_dtype_enabled = True
         for name, dtype in lowered.items():
             base = layers[name].get_base_layer()
             base.weight.data = base.weight.data.to(dtype)
