@@ -145,3 +145,14 @@ def test_lambda_zero_is_inclora_bit_for_bit_and_lambda_changes_training(toy_data
                 total += (value @ weights[name.replace("lora_B", "lora_A")]).abs().sum().item()
         return total
     assert update_norm(l1_weights) < update_norm(inc_weights)
+
+
+def test_order4_recipe_has_upstreams_lambda_per_task_and_the_code_form():
+    from dealcl.recipes import get_recipe
+
+    # PKU-YuanGroup/N-LoRA@7301afe scripts/order_4.sh (new_methods_spec.md §3.5)
+    expected = {"MNLI": 0.4, "CB": 0.4, "WiC": 1.2, "COPA": 0.4, "QQP": 0.4, "BoolQA": 0.4, "RTE": 1.2, "IMDB": 1.2,
+                "yelp": 1.2, "amazon": 0.4, "SST-2": 1.2, "dbpedia": 1.2, "agnews": 0.4, "MultiRC": 0.4, "yahoo": 1.2}
+    recipe = get_recipe("nlora-long4-t5")
+    assert {task: values["method.lambda1"] for task, values in recipe.task_overrides.items()} == expected
+    assert recipe.settings["method.form"] == "code" and recipe.settings["lr"] == 5e-4
