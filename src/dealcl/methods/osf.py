@@ -239,6 +239,8 @@ class Osf(ContinualMethod):
     def on_task_start(self, model: torch.nn.Module, stage: Stage) -> None:
         from peft import OSFConfig, get_peft_model
 
+        if self._peft is not None:
+            raise RuntimeError("osf: a task started while the previous one is still wrapped (on_task_end not called)")
         self.ranks = self.frozen_ranks(model, stage.index)
         self.stage_index = stage.index
         modules = dict(model.named_modules())
