@@ -59,7 +59,7 @@ def _session(data, method="nlora", model="tiny-llama", **options):
 
 def test_code_form_is_refused_at_prepare_time_on_a_gqa_model(toy_data):
     # tiny-llama has 4 query and 2 key-value heads: v_proj maps 64 → 32.
-    with pytest.raises(UserError, match=r"v_proj maps 64 → 32"):
+    with pytest.raises(UserError, match=r"model.layers.0.self_attn.v_proj maps 64 → 32"):
         _session(toy_data, form="code", lambda1=0.4)
     session = _session(toy_data, model="tiny-t5", form="code", lambda1=0.4)  # T5 q,v: 64 → 64
     assert session.method.config.form == "code"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..models import unwrap
 from ._lora import lora_layers
 from .base import LoraOptions, Stage, register
 from .olora import IncLora
@@ -84,7 +85,7 @@ class NLora(IncLora):
         wrapped = super().prepare_model(model)
         if self.config.form == "code":
             # N-2: refuse before any training rather than crash inside the first step.
-            for name, layer in lora_layers(wrapped):
+            for name, layer in lora_layers(unwrap(wrapped)):  # names as in the transformers model
                 if layer.in_features != layer.out_features:
                     raise UserError(f"method.form=code needs square target modules (d_in = d_out), but {name} maps "
                                     f"{layer.in_features} → {layer.out_features}: use method.form=paper")
