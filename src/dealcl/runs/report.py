@@ -126,6 +126,9 @@ def _step_losses(run_dir: Path) -> list[tuple[str, list[float]]] | None:
 
 
 def _load_dealcl(run_dir: Path) -> RunSummary:
+    from .integrity import check_outputs
+
+    check_outputs(run_dir)  # results.json comes from these: a damaged stage is an error, not a score
     results_path = run_dir / RESULTS
     results = _read_json(results_path)
     try:
@@ -307,6 +310,18 @@ def version_mismatch(runs: list[RunSummary]) -> str | None:
             + " (run.yaml provenance.packages); differences between them may come from that")
 
 
+def task_set_mismatch(runs: list[RunSummary]) -> str | None:
+    """One `warning:` line when runs shown side by side (the AA/BWT table and chart) were not
+    scored on the same tasks: their AA and BWT average over different things."""
+    by_tasks: dict[tuple[str, ...], list[str]] = {}
+    for run in runs:
+        by_tasks.setdefault(tuple(sorted(run.task_order)), []).append(run.name)
+    if len(by_tasks) < 2:
+        return None
+    groups = "; ".join(f"{_names(names)}: {', '.join(tasks)}" for tasks, names in by_tasks.items())
+    return f"warning: the runs compared were evaluated on different task sets ({groups}); their AA and BWT are not comparable"
+
+
 def _report_text(runs: list[RunSummary]) -> str:
     sections = ["\n".join(_run_lines(run)) for run in runs]
     if len(runs) > 1:
@@ -326,9 +341,9 @@ def format_report(runs: list[RunSummary], *, warn: bool = True) -> str:
     With several runs from different torch/transformers/peft versions, `warn` prints one
     `warning:` line on stderr (`version_mismatch`)."""
     if warn and len(runs) > 1:
-        warning = version_mismatch(runs)
-        if warning:
-            print(warning, file=sys.stderr)
+        for warning in (version_mismatch(runs), task_set_mismatch(runs)):
+            if warning:
+                print(warning, file=sys.stderr)
     return _report_text(runs)
 
 
@@ -344,9 +359,9 @@ def write_report(runs: list[RunSummary], directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = ["# dealcl report", "", "```", _report_text(runs).rstrip(), "```", ""]
-    warning = version_mismatch(runs) if len(runs) > 1 else None
-    if warning:
-        lines += [f"**{warning}**", ""]
+    for warning in (version_mismatch(runs), task_set_mismatch(runs)) if len(runs) > 1 else ():
+        if warning:
+            lines += [f"**{warning}**", ""]
     if len(runs) > 1:
         names = [_slug(r.name) for r in runs]
         plots.metric_bars(names, [r.average_accuracy for r in runs], [r.backward_transfer for r in runs],
