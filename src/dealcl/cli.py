@@ -404,9 +404,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .data.loading import read_inputs
+
     _existing_run_config(Path(args.run_dir))
-    if not Path(args.input).is_file():
-        raise UserError(f"input file does not exist: {args.input}")
+    read_inputs(Path(args.input))  # a malformed input file answers before the model loads
     from .runs.predict import predict_file
 
     predict_file(Path(args.run_dir), Path(args.input), task_name=args.task, output=Path(args.output) if args.output else None,
