@@ -120,7 +120,11 @@ def export_record(final: FinalModel, kind: str, run_dir: Path) -> dict:
     return {
         "dealcl": __version__, "run": str(run_dir), "method": config.method, "kind": kind,
         "stage": {"index": final.stage.index, "name": final.stage.name},
-        "base_model": prep.loaded.source, "arch": prep.loaded.arch,
+        # What the run loaded (a hub id, folder or .gguf file), and the folder transformers read
+        # it from (for a .gguf, dealcl's safetensors cache of it): the base an adapter goes on.
+        "base_model": prep.loaded.source,
+        "base_model_path": getattr(getattr(final.model, "config", None), "_name_or_path", None) or prep.loaded.source,
+        "arch": prep.loaded.arch,
         "tasks": [t.name for t in prep.tasks],
         "prompt": {
             "style": config.prompt_style,
