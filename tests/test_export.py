@@ -117,7 +117,7 @@ def test_deal_export_is_the_base_model_plus_a_standalone_loader(toy_data, tmp_pa
     torch.testing.assert_close(ours, _final_logits(tmp_path / "run"), rtol=1e-5, atol=1e-5)
 
 
-def test_export_records_prompts_labels_and_tasks_and_answers_like_predict(toy_data, tmp_path, capsys):
+def test_export_records_prompts_labels_and_tasks_and_answers_like_predict(tmp_path, capsys):
     """The README's recipe: stock transformers + PEFT, prompted from dealcl_export.json alone,
     greedy decoding, gives the answers `dealcl predict` gives (predict may stop earlier once no
     label can match, so its answer is a prefix of the full one)."""
@@ -125,27 +125,30 @@ def test_export_records_prompts_labels_and_tasks_and_answers_like_predict(toy_da
 
     from transformers import AutoTokenizer
 
+    from dealcl.data.toy import write_learnable_benchmark
     from dealcl.prompts import format_prompt
 
-    run_continual(tiny_run_config(toy_data), tmp_path / "run", progress=False)
+    # Tasks a tiny model learns in seconds, so that its answers are labels, not empty strings.
+    data = write_learnable_benchmark(tmp_path / "CL_Benchmark", n_train=200)
+    run_continual(tiny_run_config(data, tasks=["pickA", "pickB"], lr=1e-2, epochs=3), tmp_path / "run", progress=False)
     assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "dealcl_export.json").read_text())
-    assert record["tasks"] == ["toyA", "toyB"] and record["kind"] == "adapter"
+    assert record["tasks"] == ["pickA", "pickB"] and record["kind"] == "adapter"
     final = load_final_model(tmp_path / "run")
     for task in final.prep.tasks:
         entry = record["per_task"][task.name]
         assert entry["labels"] == task.labels
         assert entry["prompt_template"] == format_prompt(task, "{sentence}")
-    sentences = ["the red plum", "a big cat apple sun"]
+    sentences = ["q c z k", "m w d x", "x c q m"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"sentence": s}) + "\n" for s in sentences))
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "run"), "--input", str(tmp_path / "in.jsonl"), "--task", "toyB"]) == 0
+    assert main(["predict", str(tmp_path / "run"), "--input", str(tmp_path / "in.jsonl"), "--task", "pickB"]) == 0
     predicted = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
-    assert len(predicted) == 2 and any(p.strip() for p in predicted)  # a prefix test of "" would prove nothing
+    assert len(predicted) == 3 and any(p.strip() for p in predicted)  # a prefix test of "" would prove nothing
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     model = PeftModel.from_pretrained(load_model("tiny-llama").model, tmp_path / "out").eval()
-    template = record["per_task"]["toyB"]["prompt_template"]
+    template = record["per_task"]["pickB"]["prompt_template"]
     for sentence, theirs in zip(sentences, predicted):
         ids = tokenizer(template.replace("{sentence}", sentence), return_tensors="pt")
         out = model.generate(**ids, max_new_tokens=record["answer"]["max_new_tokens"], do_sample=False,

@@ -114,3 +114,45 @@ def test_report_and_compare_refuse_damaged_outputs(finished_run, toy_data_sessio
     assert main(args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "1-toyA/predict_results.json" in errors[0]
+
+
+def test_stage_0_is_logged_and_each_stage_records_its_own_peak(finished_run):
+    log = (finished_run / "logs" / "train_and_infer.log").read_text()
+    assert "stage 0 (zero-shot reference) done: 2 tasks evaluated" in log
+    stages = json.loads((finished_run / "efficiency.json").read_text())["stages"]
+    assert [s["peak_memory_scope"] for s in stages] == ["stage", "stage"]
+
+
+def test_the_peak_memory_count_is_reset_per_stage():
+    import numpy as np
+    import torch
+
+    from dealcl.runs.memory import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    assert reset_peak_memory(cpu)
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    high = peak_memory_mb(cpu)
+    del block
+    assert reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < high - 40  # the next stage no longer sees the earlier peak
+
+
+def test_the_multi_run_chart_warns_when_task_sets_differ(tmp_path, capsys):
+    from dealcl.runs.report import RunSummary, format_report, write_report
+
+    runs = [RunSummary("a", ["t1", "t2"], [[50.0, None], [40.0, 60.0]], None, "seqlora", "m", "dealcl"),
+            RunSummary("b", ["t1", "t3"], [[50.0, None], [45.0, 70.0]], None, "seqlora", "m", "dealcl"),
+            RunSummary("c", ["t2", "t1"], [[50.0, None], [45.0, 70.0]], None, "seqlora", "m", "dealcl")]
+    format_report(runs)
+    err = capsys.readouterr().err
+    assert "different task sets" in err and "t3" in err
+    assert "different task sets" in write_report(runs, tmp_path).read_text()
+    format_report([runs[0], runs[2]])  # the same tasks in another order compare fine
+    assert "task sets" not in capsys.readouterr().err
+
+
+def test_counts_are_pluralised():
+    from dealcl.runs.driver import _count
+
+    assert _count(1, "task") == "1 task" and _count(2, "task") == "2 tasks"
