@@ -342,9 +342,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .methods import resolve_method
     from .runs.compare import compare, swept_rates
 
-    # A method that trains nothing (zero-shot) needs no rate.
-    trained = [m for m in methods if resolve_method(m).trains]
-    rates = swept_rates(Path(args.lrs_from), trained) if args.lrs_from else None
+    rates = None
+    if args.lrs_from:  # a method that trains nothing (zero-shot) needs no rate
+        rates = swept_rates(Path(args.lrs_from), [m for m in methods if resolve_method(m).trains])
     compare(base, methods, orders, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr),
             rates=rates, user_keys=user_keys)
     from .runs.layout import COMPARISON, COMPARISON_MD
