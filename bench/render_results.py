@@ -20,9 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from dealcl.eval.bootstrap import run_intervals
-from dealcl.runs import pairwise
-from dealcl.runs.report import load_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's dealcl
+from dealcl.eval.bootstrap import run_intervals  # noqa: E402
+from dealcl.runs import pairwise  # noqa: E402
+from dealcl.runs.report import load_run  # noqa: E402
 
 YAHOO_NOTE = ("yahoo: the shared CL_Benchmark copy has a small yahoo split (see ../shared/CL_Benchmark/"
               "PROVENANCE.md), so every figure that includes yahoo carries more sampling noise")

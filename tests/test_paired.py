@@ -276,3 +276,10 @@ def test_a_run_with_other_test_labels_is_not_paired(tmp_path):
         path.write_text(json.dumps(answers))
     table = pairwise.pairwise([pairwise.paired_run(a), pairwise.paired_run(load_run(b_dir))])
     assert table["pairs"] == [] and table["skipped"][0]["reason"].startswith("different test examples")
+
+
+def test_unreadable_answers_leave_the_run_out_with_a_note(tmp_path):
+    run_dir = _write_run(tmp_path / "r", "deal", GOOD)
+    (run_dir / "outputs" / "2-b" / "predictions.json").write_text("{not json")
+    hits, note = pairwise.read_hits(load_run(run_dir))
+    assert hits is None and note.startswith("unreadable answers in") and note.endswith("2-b")

@@ -116,12 +116,20 @@ def _generator(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *words]))
 
 
-def draw_counts(key: str, n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> np.ndarray:
+_CHUNK = 1000  # resamples drawn at a time: bounds memory on large test sets (15 tasks x 1000 examples)
+
+
+def draw_counts(key: str, n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
     """counts[b, k]: how often resample b draws example k of the n examples of test set `key`
-    (n draws with replacement per resample, each row summing to n)."""
-    picks = _generator(seed, key).integers(0, n, size=(resamples, n))
-    offsets = (np.arange(resamples) * n)[:, None]
-    return np.bincount((picks + offsets).ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+    (n draws with replacement per resample, each row summing to n), yielded as (first resample,
+    counts) in chunks of _CHUNK resamples, all from the test set's one generator. float32 holds
+    the counts and their sums over hits exactly (integers far below 2^24) at half float64's cost."""
+    generator = _generator(seed, key)
+    for start in range(0, resamples, _CHUNK):
+        size = min(_CHUNK, resamples - start)
+        picks = generator.integers(0, n, size=(size, n))
+        picks += (np.arange(size) * n)[:, None]
+        yield start, np.bincount(picks.ravel(), minlength=size * n).reshape(size, n).astype(np.float32)
 
 
 def resample_runs(runs: Sequence[RunHits], resamples: int = DEFAULT_RESAMPLES,
@@ -134,11 +142,12 @@ def resample_runs(runs: Sequence[RunHits], resamples: int = DEFAULT_RESAMPLES,
         for (i, j), hits in run.hits.items():
             cells_by_test_set.setdefault((run.test_sets[j], len(hits)), []).append((r, i, j))
     for (key, n), cells in sorted(cells_by_test_set.items()):
-        counts = draw_counts(key, n, resamples, seed)
-        stacked = np.stack([np.asarray(runs[r].hits[(i, j)], dtype=np.float64) for r, i, j in cells], axis=1)
-        resampled = counts @ stacked * (100.0 / n)  # (resamples, cells): exact match in percent
-        for c, (r, i, j) in enumerate(cells):
-            accuracies[r][:, i, j] = resampled[:, c]
+        stacked = np.stack([np.asarray(runs[r].hits[(i, j)], dtype=np.float32) for r, i, j in cells], axis=1)
+        for start, counts in draw_counts(key, n, resamples, seed):
+            # (chunk, cells): examples answered correctly in each resample, then percent.
+            resampled = (counts @ stacked).astype(np.float64) * (100.0 / n)
+            for c, (r, i, j) in enumerate(cells):
+                accuracies[r][start:start + len(counts), i, j] = resampled[:, c]
     out = []
     for run, acc in zip(runs, accuracies):
         point = np.full((1, run.n_rows, len(run.test_sets)), np.nan)

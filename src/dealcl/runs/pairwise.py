@@ -54,18 +54,24 @@ SHORT_NAMES = {"average_accuracy": "AA", "backward_transfer": "BWT", "forgetting
 # --- per-example answers of one run ------------------------------------------------------------------
 
 def _stage_answers(stage_dir: Path) -> dict[str, dict[str, list[str]]] | None:
-    """Per task, the answers and labels of one stage, in test-set order; None without either file."""
-    if (stage_dir / PREDICTIONS).is_file():
-        return json.loads((stage_dir / PREDICTIONS).read_text(encoding="utf-8"))
-    if (stage_dir / UPSTREAM_PREDICTIONS).is_file():
-        answers: dict[str, dict[str, list[str]]] = {}
-        for line in (stage_dir / UPSTREAM_PREDICTIONS).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                task = answers.setdefault(str(record["Dataset"]), {"predictions": [], "labels": []})
-                task["predictions"].append(str(record["prediction"]))
-                task["labels"].append(str(record["label"]))
-        return answers
+    """Per task, the answers and labels of one stage, in test-set order; None without either file.
+    A file that cannot be read as answers raises ValueError (the caller notes it, never fails)."""
+    try:
+        if (stage_dir / PREDICTIONS).is_file():
+            answers = json.loads((stage_dir / PREDICTIONS).read_text(encoding="utf-8"))
+            return {str(name): {"predictions": [str(p) for p in task["predictions"]],
+                                "labels": [str(y) for y in task["labels"]]} for name, task in answers.items()}
+        if (stage_dir / UPSTREAM_PREDICTIONS).is_file():
+            answers = {}
+            for line in (stage_dir / UPSTREAM_PREDICTIONS).read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    task = answers.setdefault(str(record["Dataset"]), {"predictions": [], "labels": []})
+                    task["predictions"].append(str(record["prediction"]))
+                    task["labels"].append(str(record["label"]))
+            return answers
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"unreadable answers in {stage_dir}") from None
     return None
 
 
@@ -115,7 +121,10 @@ def read_hits(summary) -> tuple[RunHits | None, str | None]:
     hits: dict[tuple[int, int], np.ndarray] = {}
     labels_of: dict[int, list[str]] = {}
     for stage in range(1, len(summary.matrix) + 1):
-        answers = _stage_answers(stage_dirs[stage]) if stage in stage_dirs else None
+        try:
+            answers = _stage_answers(stage_dirs[stage]) if stage in stage_dirs else None
+        except ValueError as unreadable:
+            return None, str(unreadable)
         if answers is None:
             return None, f"no per-example answers for stage {stage}"
         for name, task in answers.items():
