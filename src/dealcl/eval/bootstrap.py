@@ -216,7 +216,8 @@ def paired_difference(groups: Sequence[Sequence[tuple[Resampled, Resampled]]], m
         by_seed = np.stack(samples)  # (seeds, resamples)
         if len(pairs) > 1:
             n_resamples = by_seed.shape[1]
-            picks = _generator(seed, f"seeds of order {o} ({len(pairs)})").integers(0, len(pairs), size=(n_resamples, len(pairs)))
+            seeds = _generator(seed, f"seeds of order {o} ({len(pairs)})")
+            picks = seeds.integers(0, len(pairs), size=(n_resamples, len(pairs)))
             by_seed = np.take_along_axis(by_seed.T, picks, axis=1).T
         point_by_order.append(float(np.mean(points)))
         samples_by_order.append(by_seed.mean(axis=0))

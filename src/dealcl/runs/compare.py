@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..eval.bootstrap import run_intervals
+from ..eval.bootstrap import METRICS, run_intervals
 from . import pairwise
 from .config import RunConfig, validate, with_recipe
 from .driver import run_continual
@@ -74,7 +74,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     efficiency = json.loads((run_dir / EFFICIENCY).read_text()).get("stages", [])
     speeds = [s["train_samples_per_second"] for s in efficiency if s.get("train_samples_per_second")]
     hits, _ = pairwise.read_hits(summary)
-    intervals = run_intervals(hits) if hits is not None else dict.fromkeys(("average_accuracy", "backward_transfer", "forgetting"))
+    intervals = run_intervals(hits) if hits is not None else dict.fromkeys(METRICS)
     invalid = results.get("invalid_rate_matrix") or [[]]
     last_invalid = [v for v in invalid[-1] if v is not None]
     return {

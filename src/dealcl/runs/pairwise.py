@@ -188,7 +188,8 @@ def pairwise(runs: Sequence[PairedRun], *, resamples: int = DEFAULT_RESAMPLES, s
     for run in usable:
         mine = settings.setdefault(run.arm, {})
         if (run.task_order, run.seed) in mine:
-            raise ValueError(f"{run.arm} has two runs of one order and seed: {mine[(run.task_order, run.seed)].name}, {run.name}")
+            other = mine[(run.task_order, run.seed)].name
+            raise ValueError(f"{run.arm} has two runs of one order and seed: {other}, {run.name}")
         mine[(run.task_order, run.seed)] = run
 
     def mean_aa(arm: str) -> float:
@@ -249,7 +250,7 @@ def significant_counts(table: dict[str, Any]) -> str:
 
 def rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and one row per pair: A − B, the runs paired, then ΔAA, ΔBWT, ΔFT cells."""
-    header = ["A − B", "runs", "Δ AA", "Δ BWT", "Δ FT"]
+    header = ["A − B", "run pairs", "Δ AA", "Δ BWT", "Δ FT"]
     body = [[f"{p['a']} − {p['b']}", str(p["runs"]), *(difference_cell(p[m]) for m in METRICS)] for p in table["pairs"]]
     return header, body
 
