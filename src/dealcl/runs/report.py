@@ -46,6 +46,10 @@ class RunSummary:
     packages: dict[str, str] | None = None
     # efficiency.json: (stage task, its training step losses) per stage, None without the file.
     step_losses: list[tuple[str, list[float]]] | None = None
+    # The folder of the stage outputs (per-example answers, for the paired comparison) and the
+    # run's seed (run.yaml), None where unknown.
+    outputs: Path | None = None
+    seed: int | None = None
 
     @property
     def average_accuracy(self) -> float | None:
@@ -54,6 +58,11 @@ class RunSummary:
     @property
     def backward_transfer(self) -> float | None:
         return None if self.joint else metrics.backward_transfer(self.matrix)
+
+    @property
+    def forgetting(self) -> float | None:
+        """FT (new_methods_spec.md §5), from the matrix: runs whose results.json predates it load too."""
+        return None if self.joint else metrics.mean_forgetting(self.matrix)
 
     @property
     def forward_transfer(self) -> float | None:
@@ -95,6 +104,12 @@ def _method_and_model(run_dir: Path, results: dict) -> tuple[str | None, str | N
             method = method or source.get("method")
             model = model or source.get("model")
     return (str(method) if method is not None else None, str(model) if model is not None else None)
+
+
+def _seed(run_dir: Path) -> int | None:
+    config = _run_yaml(run_dir).get("config")
+    seed = config.get("seed") if isinstance(config, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def _packages(run_dir: Path) -> dict[str, str] | None:
@@ -140,7 +155,7 @@ def _load_dealcl(run_dir: Path) -> RunSummary:
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=results.get("reference"),
         method=method, model=model, source="dealcl", joint=bool(results.get("joint", False)),
-        packages=_packages(run_dir), step_losses=_step_losses(run_dir),
+        packages=_packages(run_dir), step_losses=_step_losses(run_dir), outputs=run_dir / "outputs", seed=_seed(run_dir),
     )
 
 
@@ -182,7 +197,7 @@ def _load_outputs(outputs: Path, run_dir: Path) -> RunSummary | None:
     method, model = _method_and_model(run_dir, {})
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=reference,
-        method=method, model=model, source="upstream", packages=_packages(run_dir),
+        method=method, model=model, source="upstream", packages=_packages(run_dir), outputs=outputs, seed=_seed(run_dir),
     )
 
 
@@ -272,6 +287,8 @@ def _run_lines(run: RunSummary) -> list[str]:
     if not run.joint:
         bwt_terms = metrics.backward_transfer_terms(run.matrix)
         lines.append(f"BWT {_number(run.backward_transfer)}  ({_over(len(bwt_terms), max(n_tasks - 1, 0))})")
+        ft_terms = [v for v in metrics.forgetting(run.matrix) if v is not None]
+        lines.append(f"FT  {_number(run.forgetting)}  (forgetting, {_over(len(ft_terms), max(n_tasks - 1, 0))})")
         if run.reference is not None:
             fwt_terms = metrics.forward_transfer_terms(run.matrix, run.reference)
             lines.append(f"FWT {_number(run.forward_transfer)}  ({_over(len(fwt_terms), max(n_tasks - 1, 0))})")
@@ -325,14 +342,36 @@ def task_set_mismatch(runs: list[RunSummary]) -> str | None:
 def _report_text(runs: list[RunSummary]) -> str:
     sections = ["\n".join(_run_lines(run)) for run in runs]
     if len(runs) > 1:
-        header = ["run", "method", "model", "AA", "BWT", "FWT"]
+        header = ["run", "method", "model", "AA", "BWT", "FT", "FWT"]
         rows = [
-            [_shorten(r.name, 28), _shorten(r.method, 12), _shorten(r.model, 30),
-             _number(r.average_accuracy), _number(r.backward_transfer), _number(r.forward_transfer)]
+            [_shorten(r.name, 28), _shorten(r.method, 12), _shorten(r.model, 24),
+             _number(r.average_accuracy), _number(r.backward_transfer), _number(r.forgetting),
+             _number(r.forward_transfer)]
             for r in runs
         ]
         sections.append("\n".join(["== summary ==", *_table(header, rows, right_align_from=3)]))
+        sections.append("\n".join(_paired_lines(runs)))
     return "\n\n".join(sections) + "\n"
+
+
+def _paired_lines(runs: list[RunSummary]) -> list[str]:
+    """The paired differences of the runs (runs/pairwise.py). Each method is an arm; when two
+    runs share a method, order and seed (say, two learning rates), every run is its own arm."""
+    import textwrap
+
+    from . import pairwise
+
+    settings = [(r.method, tuple(r.task_order), r.seed) for r in runs]
+    by_run = any(r.method is None for r in runs) or len(set(settings)) < len(settings)
+    names = [r.name if [q.name for q in runs].count(r.name) == 1 else f"{r.name}#{k + 1}" for k, r in enumerate(runs)]
+    table = pairwise.pairwise([pairwise.paired_run(r, arm=name if by_run else r.method) for r, name in zip(runs, names)])
+
+    def aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+        return _table(header, [[_shorten(row[0], 30), *row[1:]] for row in rows], right_align_from=1)
+
+    lines = pairwise.text_lines(table, aligned)
+    return [part for line in lines
+            for part in ([line] if len(line) <= _WIDTH else textwrap.wrap(line, _WIDTH, subsequent_indent="  "))]
 
 
 def format_report(runs: list[RunSummary], *, warn: bool = True) -> str:
