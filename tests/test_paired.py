@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dealcl.runs.store import write_stage_dir
 from dealcl.eval import metrics
 from dealcl.eval.bootstrap import (
     RunHits, matrix_metrics, paired_difference, percentile_interval, resample_runs, run_intervals,
@@ -219,13 +220,22 @@ def _write_run(run_dir: Path, method: str, correct_by_cell: dict[tuple[int, int]
     (run_dir / "run.yaml").write_text(yaml.safe_dump({"config": {"method": method, "seed": seed, "sample": "first",
                                                                  "test_per_task": 4, "eval_split": "test"}}))
     for i, task in enumerate(tasks):
-        stage = run_dir / "outputs" / f"{i + 1}-{task}"
-        stage.mkdir(parents=True)
         answers = {tasks[j]: {"predictions": ["yes" if c else "no" for c in correct_by_cell[(i, j)]],
                               "labels": ["yes"] * len(correct_by_cell[(i, j)])}
                    for j in range(len(tasks)) if (i, j) in correct_by_cell}
-        (stage / "predictions.json").write_text(json.dumps(answers))
+        # With its manifest, as the driver writes every stage folder (report verifies it).
+        write_stage_dir(run_dir / "outputs" / f"{i + 1}-{task}",
+                        lambda folder, answers=answers: (folder / "predictions.json").write_text(json.dumps(answers)))
     return run_dir
+
+
+def _reseal(stage: Path) -> None:
+    """Rewrite a stage folder's manifest after a test changed its files on purpose: a run made
+    that way, not one damaged afterwards (which `load_run` refuses, tests/test_integrity.py)."""
+    from dealcl.runs.store import MANIFEST, sha256_file
+
+    files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.name != MANIFEST}
+    (stage / MANIFEST).write_text(json.dumps({"files": files}))
 
 
 GOOD = {(0, 0): [True, True, True, False], (1, 0): [True, True, False, False], (1, 1): [True, True, True, True]}
@@ -274,6 +284,7 @@ def test_a_run_with_other_test_labels_is_not_paired(tmp_path):
             task["predictions"] = ["no" if p == "yes" else "yes" for p in task["predictions"]]
             task["labels"] = ["no"] * len(task["labels"])
         path.write_text(json.dumps(answers))
+        _reseal(path.parent)
     table = pairwise.pairwise([pairwise.paired_run(a), pairwise.paired_run(load_run(b_dir))])
     assert table["pairs"] == [] and table["skipped"][0]["reason"].startswith("different test examples")
 
@@ -281,5 +292,6 @@ def test_a_run_with_other_test_labels_is_not_paired(tmp_path):
 def test_unreadable_answers_leave_the_run_out_with_a_note(tmp_path):
     run_dir = _write_run(tmp_path / "r", "deal", GOOD)
     (run_dir / "outputs" / "2-b" / "predictions.json").write_text("{not json")
+    _reseal(run_dir / "outputs" / "2-b")
     hits, note = pairwise.read_hits(load_run(run_dir))
     assert hits is None and note.startswith("unreadable answers in") and note.endswith("2-b")
