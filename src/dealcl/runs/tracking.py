@@ -116,13 +116,15 @@ class RunTracker:
         PartialState()  # accelerate's trackers log through its logger, which needs the state
         first_new_step = sum(self.state["stage_steps"].values()) + 1
         self.mlflow_logged_up_to = 0
-        self.trackers = [self._start(name, config, first_new_step) for name in config.report_to or []]
+        hyperparameters = _flat_config(config)
+        self.trackers = [self._start(name, hyperparameters, first_new_step) for name in config.report_to or []]
         self._save()
         if not resumed:
             for tracker in self.trackers:
-                tracker.store_init_configuration(_flat_config(config))
+                if tracker.name != "wandb":  # W&B takes them at init (see _start)
+                    tracker.store_init_configuration(hyperparameters)
 
-    def _start(self, name: str, config: RunConfig, first_new_step: int):
+    def _start(self, name: str, hyperparameters: dict[str, Any], first_new_step: int):
         from accelerate import tracking
 
         if name == "tensorboard":
@@ -132,8 +134,11 @@ class RunTracker:
             tracker = tracking.TensorBoardTracker("", str(folder), **kwargs)
         elif name == "wandb":
             run_id = self.state.setdefault("wandb_id", uuid.uuid4().hex[:12])
+            # The config goes to wandb.init: after `wandb.config.update` (the tracker's
+            # store_init_configuration) wandb 0.31 leaves an offline run's file unwritten until exit.
             tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "dealcl"), dir=str(self.directory),
-                                            id=run_id, resume="allow", name=self.store.root.name)
+                                            id=run_id, resume="allow", name=self.store.root.name,
+                                            config=hyperparameters)
         else:
             import mlflow
 
