@@ -41,7 +41,7 @@ def test_results_json_carries_the_rouge_the_answers_imply(tmp_path):
     data = _two_word_benchmark(tmp_path / "CL_Benchmark")
     run_dir = tmp_path / "run"
     # Score mode answers with a label: quick, and every answer is one of the two-word labels.
-    config = tiny_run_config(data, tasks=["twoA", "twoB"], with_rouge=True, eval_mode="score")
+    config = tiny_run_config(data, tasks=["twoA", "twoB"], with_rouge=True, eval_mode="score", report_to=["tensorboard"])
     results = run_continual(config, run_dir, progress=False)
     stages = {0: "0-reference", 1: "1-twoA", 2: "2-twoB"}
     for kind in ("rouge1", "rougeL"):
@@ -52,6 +52,13 @@ def test_results_json_carries_the_rouge_the_answers_imply(tmp_path):
         assert results[f"average_{kind}"] == pytest.approx(sum(expected[1]) / 2, abs=1e-4)
     assert results["rouge1_matrix"] != results["accuracy_matrix"]  # not exact match under another name
     assert min(v for row in results["rouge1_matrix"] for v in row if v is not None) >= 50.0
+    # The trackers log the same values per stage (the untouched model at step 0).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tracking" / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("eval/rouge1/twoA")]
+    assert logged == pytest.approx([results["reference_rouge1"][0]] + [row[0] for row in results["rouge1_matrix"]])
 
     # Rebuilt from the stage outputs alone (what resume reads), results.json is byte-identical.
     written = (run_dir / "results.json").read_bytes()

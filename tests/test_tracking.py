@@ -181,3 +181,18 @@ def test_mlflow_run_in_the_run_directory(toy_data, tmp_path, monkeypatch):
     assert history("eval/em/toyA") == [(0, results["reference"][0]), (3, matrix[0][0]), (6, matrix[1][0])]
     artifacts = {a.path for a in client.list_artifacts(state["mlflow_run_id"])}
     assert {"accuracy_matrix.md", "results.json"} <= artifacts
+
+
+def test_only_the_main_process_logs(toy_data, tmp_path):
+    """2 processes: one TensorBoard writer (rank 0's), each step once, the run's own losses."""
+    from test_distributed import _run
+
+    run_dir = tmp_path / "two"
+    done = _run(toy_data, run_dir, "olora", 2, tmp_path / "shards", "--report-to", "tensorboard")
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert len(list((run_dir / "tracking" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    stages = _files(run_dir)[1]
+    losses = [loss for stage in stages for loss in stage["step_losses"]]
+    logged = _scalars(_events(run_dir), "train/loss")
+    assert [step for step, _ in logged] == list(range(1, len(losses) + 1))
+    assert [v for _, v in logged] == pytest.approx(losses, rel=1e-6)
