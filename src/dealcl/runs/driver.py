@@ -33,8 +33,8 @@ from .memory import peak_memory_mb, reset_peak_memory
 from .progress import RunProgress, Workload
 from .provenance import run_yaml
 from .session import Prepared, Session, build_session
-from .tracking import check_installed, open_tracker
 from .store import atomic_write_json, verify_stage_dir, write_stage_dir
+from .tracking import check_installed, open_tracker
 
 log = logging.getLogger("dealcl")
 
