@@ -227,6 +227,14 @@ class RunTracker:
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+            if tracker.name == "wandb":
+                import wandb
+
+                # wandb 0.31 writes an offline run's file from its service process, sometimes only
+                # when that stops (measured: 3 of 6 runs held just the header after finish()); a
+                # run read or synced before the program exits (a notebook) would look empty.
+                if wandb.run is None:  # no other run of the caller's is using the service
+                    wandb.teardown()
 
 
 def open_tracker(store: RunStore, config: RunConfig, efficiency: list[dict]) -> RunTracker | None:
