@@ -202,11 +202,14 @@ def summarize(
     unknown_labels: dict[str, int] | None = None,
     *,
     joint: bool = False,
+    rouge: dict[str, tuple[Matrix, Sequence[Optional[float]] | None]] | None = None,
 ) -> dict:
     """The content of results.json.
 
     joint=True: a multi-task run, one row covering all tasks; only AA is defined, BWT, FWT and
-    forgetting are None."""
+    forgetting are None. `rouge` (with_rouge runs): per ROUGE type ("rouge1", "rougeL") its
+    matrix, laid out as R, and its zero-shot row; they go in as `<type>_matrix`,
+    `reference_<type>` and `average_<type>` (the macro mean of the last row, as AA)."""
     if joint:
         bwt = fwt = mean_forget = None
         per_task_forgetting: list[float | None] = [None] * len(task_order)
@@ -227,4 +230,8 @@ def summarize(
         "missing": missing_entries(task_order, R, joint=joint),
         "unknown_test_labels": dict(unknown_labels) if unknown_labels is not None else None,
     }
+    for name, (matrix, zero_shot) in (rouge or {}).items():
+        summary[f"{name}_matrix"] = [list(row) for row in matrix]
+        summary[f"reference_{name}"] = list(zero_shot) if zero_shot is not None else None
+        summary[f"average_{name}"] = average_accuracy(matrix)
     return _round(summary)

@@ -81,8 +81,10 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "run": run_dir.name, "method": summary.method, "task_order": summary.task_order,
         "average_accuracy": summary.average_accuracy, "backward_transfer": summary.backward_transfer,
         "forgetting": summary.forgetting,
-        "aa_interval": _rounded(intervals["average_accuracy"]), "bwt_interval": _rounded(intervals["backward_transfer"]),
-        "ft_interval": _rounded(intervals["forgetting"]),
+        "average_rouge1": summary.average_rouge1,  # None unless the run was scored with_rouge
+        "aa_interval": _rounded(intervals["average_accuracy"]),
+        "bwt_interval": None if summary.joint else _rounded(intervals["backward_transfer"]),
+        "ft_interval": None if summary.joint else _rounded(intervals["forgetting"]),
         "final_invalid_rate": round(sum(last_invalid) / len(last_invalid), 2) if last_invalid else None,
         "train_samples_per_second": round(statistics.mean(speeds), 3) if speeds else None,
         "peak_memory_mb": max((s.get("peak_memory_mb") or 0 for s in efficiency), default=None),
@@ -110,6 +112,7 @@ def aggregate(runs: list[dict[str, Any]], methods: list[str], paired: dict[str, 
             "aa_mean": round(statistics.mean(aa), 2) if aa else None, "aa_spread": _spread(aa),
             "bwt_mean": round(statistics.mean(bwt), 2) if bwt else None, "bwt_spread": _spread(bwt),
             "ft_mean": round(statistics.mean(ft), 2) if ft else None, "ft_spread": _spread(ft),
+            "rouge1_mean": _mean_of(mine, "average_rouge1"),
             "train_samples_per_second": _mean_of(mine, "train_samples_per_second"),
             "peak_memory_mb": max((r["peak_memory_mb"] or 0 for r in mine), default=None),
             "trainable_parameters": max((r["trainable_parameters"] or 0 for r in mine), default=None),
@@ -133,14 +136,16 @@ def _interval(value) -> str:
 def markdown(comparison: dict[str, Any], base: RunConfig) -> str:
     runs = comparison["runs"]
     orders = sorted({r["run"].split("-", 1)[0] for r in runs})
+    rouge = any(m.get("rouge1_mean") is not None for m in comparison["methods"].values())
     lines = [
         "# dealcl compare", "",
         f"Model `{base.model}`, {base.train_per_task or 'all'} training and {base.test_per_task or 'all'} test examples "
         f"per task, seed {base.seed}, eval mode {base.eval_mode}. AA, BWT and FT (forgetting) in points of exact match; "
         "brackets: bootstrap 95% intervals over test examples.", "",
         "| method | " + " | ".join(f"{o} AA | {o} BWT | {o} FT" for o in orders)
-        + " | mean AA (sd) | mean BWT (sd) | mean FT (sd) | invalid % | train ex/s | peak MB | trainable |",
-        "|---|" + "---|---|---|" * len(orders) + "---|---|---|---|---|---|---|",
+        + " | mean AA (sd) | mean BWT (sd) | mean FT (sd) | " + ("mean R-1 | " if rouge else "")
+        + "invalid % | train ex/s | peak MB | trainable |",
+        "|---|" + "---|---|---|" * len(orders) + "---|---|---|" + ("---|" if rouge else "") + "---|---|---|---|",
     ]
     for method, m in comparison["methods"].items():
         cells = []
@@ -154,6 +159,7 @@ def markdown(comparison: dict[str, Any], base: RunConfig) -> str:
             f"| {method} | " + " | ".join(cells)
             + f" | {_fmt(m['aa_mean'])} ({_fmt(m['aa_spread'])}) | {_fmt(m['bwt_mean'])} ({_fmt(m['bwt_spread'])})"
             + f" | {_fmt(m['ft_mean'])} ({_fmt(m['ft_spread'])})"
+            + (f" | {_fmt(m['rouge1_mean'])}" if rouge else "")
             + f" | {_fmt(invalid, 1)} | {_fmt(m['train_samples_per_second'])} | {_fmt(m['peak_memory_mb'], 0)}"
             + f" | {m['trainable_parameters'] or '—'} |"
         )

@@ -67,7 +67,12 @@ class RunConfig:
     eval_split: str = "test"  # test | validation (the --val-per-task examples held out of train: tuning)
     eval_all_stages: bool = flag(False, 'evaluate every task after every stage (gives forward transfer)')
     reference_stage: bool = True  # evaluate the untouched model first: the zero-shot b_j
-    with_rouge: bool = False
+    with_rouge: bool = flag(False, "also score ROUGE-1 and ROUGE-L (rouge-score, stemmed, as upstream) into results.json; "
+                                   "generates whole answers (no early stop)")
+    # Experiment trackers (accelerate's): none, or a list of tensorboard, wandb, mlflow. They
+    # log under <run>/tracking/ (runs/tracking.py); what is computed does not depend on them.
+    report_to: list[str] | None = flag(None, "experiment trackers: none (default), or tensorboard, wandb, mlflow "
+                                             "(comma-separated); they log into <run>/tracking/")
     trust_remote_code: bool = flag(False, "allow a model's own Python code to run (off by default)")
     # The recipe whose values this config starts from (recorded, applied once).
     recipe: str | None = flag(None, "start from a recipe of upstream settings: a name from `dealcl recipes`, or "
@@ -78,7 +83,7 @@ class RunConfig:
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # Keys that do not change what is computed: a run may be resumed with other values.
-    NON_SEMANTIC: typing.ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "fsdp"})
+    NON_SEMANTIC: typing.ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "fsdp", "report_to"})
 
     @classmethod
     def flag_fields(cls) -> list[dataclasses.Field]:
@@ -269,7 +274,27 @@ def validate(config: RunConfig) -> RunConfig:
         if value is not None and value < 0:
             raise UserError(f"config key '{key}' must not be negative, got {value!r}")
     _check_task_overrides(config)
+    config.report_to = _check_trackers(config.report_to)
     return config
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def _check_trackers(names: list[str] | None) -> list[str] | None:
+    """report_to as a list of known tracker names without repeats, or None for none."""
+    wanted = [] if names is None else [n.strip().lower() for n in names]
+    wanted = [n for n in dict.fromkeys(wanted) if n not in ("none", "")]
+    for name in wanted:
+        if name not in TRACKERS:
+            raise _unknown_tracker(name)
+    return wanted or None
+
+
+def _unknown_tracker(name: str) -> UserError:
+    close = difflib.get_close_matches(name, TRACKERS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"config key 'report_to' takes none or {', '.join(TRACKERS)}, got {name!r}{hint}")
 
 
 def read_yaml_config(path: Path) -> dict[str, Any]:

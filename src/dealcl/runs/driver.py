@@ -21,7 +21,7 @@ import torch
 from ..data.types import Task
 from ..errors import UserError
 from ..eval.evaluator import BASE_MODEL, OLD_ANSWER_RULE, Evaluator, StageEvaluation, answer_rule
-from ..eval.metrics import summarize
+from ..eval.metrics import ROUGE_TYPES, summarize
 from ..methods import Stage
 from ..models.loading import LoadedModel
 from ..train.distributed import launched_processes
@@ -35,6 +35,7 @@ from .progress import RunProgress, Workload
 from .provenance import run_yaml
 from .session import Prepared, Session, build_session
 from .store import atomic_write_json, verify_stage_dir, write_stage_dir
+from .tracking import check_installed, open_tracker
 
 log = logging.getLogger("dealcl")
 
@@ -52,6 +53,7 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
     whole-run progress bar; typical values otherwise. `retrain_stage` K: discard stage K and the
     later ones of an existing run and do them again (0: only the reference evaluation), the way
     out that a damaged run's error names (integrity.py)."""
+    check_installed(config.report_to)  # a missing tracker package stops the run before anything loads
     session = build_session(config, loaded, prepare_model=False)
     reset_peak_memory(session.prep.device)
     ranks = session.services.processes
@@ -81,6 +83,9 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
     record = RunRecord(session.prep, efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
     overall = RunProgress(_workload(session, store, stages), progress, *(costs or ()))
     session.services.on_trained, evaluator.on_answered = overall.trained, overall.answered
+    tracker = ranks.on_main(lambda: open_tracker(store, config, record.efficiency))  # None off the main process
+    if tracker is not None:
+        session.services.on_step = tracker.log_step
     log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,
              [t.name for t in session.tasks], session.prep.precision)
     try:
@@ -89,13 +94,21 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
         model = session.prepare_model()
         resumed = resume(session, store, stages, evaluator, record)
         summary = ranks.on_main(lambda: record.write(store, stages)) if record.rows else {}
+        if tracker is not None:  # what earlier sessions evaluated and did not log (trackers added later)
+            for index, results in enumerate([record.reference] + record.rows):
+                if results is not None:
+                    tracker.log_evaluation(index, results)
         for stage in stages[len(record.rows):]:
             # Each stage's own peak; where the count cannot be reset, efficiency.json says so.
             record.peak_scope = "stage" if reset_peak_memory(session.prep.device) else "process"
             started = time.perf_counter()
             stats: dict[str, Any] = {}
             if stage.index > resumed:
+                if tracker is not None:
+                    tracker.begin_stage(stage.index)
                 stats = session.train(stage, progress)
+                if tracker is not None:
+                    tracker.trained(stage.index, stats.get("train_steps", 0))
                 ranks.on_main(lambda: write_stage_dir(store.adapter_dir(stage.index, stage.name),
                                                       lambda d: session.method.save_state(model, d)))
             tasks = evaluated_tasks(session, stages, stage)
@@ -105,10 +118,16 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
                                                       evaluation.results, evaluation.fingerprints))
             record.add_stage(stage, evaluation, stats, model, session.method.trains, time.perf_counter() - started)
             summary = ranks.on_main(lambda: record.write(store, stages, with_efficiency=True))
+            if tracker is not None:
+                tracker.log_evaluation(stage.index, evaluation.results)
             _report_stage(stage, len(stages), stats, tasks, evaluation)
+        if tracker is not None and len(record.rows) == len(stages):
+            tracker.log_final(summary)
         return summary
     finally:
         overall.close()
+        if tracker is not None:
+            tracker.close()
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
@@ -226,8 +245,15 @@ class RunRecord:
             "peak_memory_mb": round(peak_memory_mb(self.prep.device), 1), "peak_memory_scope": self.peak_scope,
             "world_size": launched_processes().world,
             "step_losses": stats.get("step_losses", []),
+            # Each part of those losses per step: "task" and the method's extra_losses terms.
+            "step_loss_terms": stats.get("step_loss_terms", {}),
             "trainable_parameters": stats.get("trainable_parameters", trainable),
         })
+
+    def _matrix(self, key: str, order: list[str]) -> tuple[list[list], list | None]:
+        """One score per (stage, task) and its zero-shot row, as the accuracy matrix lays them out."""
+        rows = [[row.get(name, {}).get(key) for name in order] for row in self.rows]
+        return rows, [self.reference.get(name, {}).get(key) for name in order] if self.reference else None
 
     def write(self, store: RunStore, stages: list[Stage], with_efficiency: bool = False) -> dict:
         if with_efficiency:
@@ -241,7 +267,9 @@ class RunRecord:
         invalid = [[row.get(name, {}).get("invalid_rate") for name in order] for row in self.rows]
         reference = [self.reference.get(name, {}).get("exact_match") for name in order] if self.reference else None
         unknown = {t.name: t.unknown_test_labels for t in prep.tasks}
-        summary = summarize(order, matrix, reference, invalid, unknown_labels=unknown, joint=prep.method_class.joint)
+        rouge = {name: self._matrix(name, order) for name in ROUGE_TYPES} if prep.config.with_rouge else None
+        summary = summarize(order, matrix, reference, invalid, unknown_labels=unknown, joint=prep.method_class.joint,
+                            rouge=rouge)
         summary = {"method": prep.config.method, "model": prep.config.model, "stages": [s.name for s in stages], **summary}
         atomic_write_json(store.results_path, summary)
         return summary

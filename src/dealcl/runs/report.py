@@ -50,6 +50,10 @@ class RunSummary:
     # run's seed (run.yaml), None where unknown.
     outputs: Path | None = None
     seed: int | None = None
+    # ROUGE-1 (x100) laid out as `matrix`, and its zero-shot row: runs scored with_rouge (dealcl's
+    # results.json `rouge1_matrix`, upstream's predict_rouge1_for_<task>); None otherwise.
+    rouge1: list[list[float | None]] | None = None
+    rouge1_reference: list[float | None] | None = None
 
     @property
     def average_accuracy(self) -> float | None:
@@ -67,6 +71,11 @@ class RunSummary:
     @property
     def forward_transfer(self) -> float | None:
         return None if self.joint else metrics.forward_transfer(self.matrix, self.reference)
+
+    @property
+    def average_rouge1(self) -> float | None:
+        """Macro mean ROUGE-1 of the last row, as AA is of exact match."""
+        return metrics.average_accuracy(self.rouge1) if self.rouge1 is not None else None
 
     @property
     def missing(self) -> list[list]:
@@ -152,10 +161,13 @@ def _load_dealcl(run_dir: Path) -> RunSummary:
     except (TypeError, KeyError):
         raise UserError(f"{results_path} is not a dealcl results.json (no task_order/accuracy_matrix)") from None
     method, model = _method_and_model(run_dir, results)
+    rouge1 = results.get("rouge1_matrix")  # absent in runs without with_rouge and in older runs
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=results.get("reference"),
         method=method, model=model, source="dealcl", joint=bool(results.get("joint", False)),
         packages=_packages(run_dir), step_losses=_step_losses(run_dir), outputs=run_dir / "outputs", seed=_seed(run_dir),
+        rouge1=[list(row) for row in rouge1] if isinstance(rouge1, list) else None,
+        rouge1_reference=results.get("reference_rouge1") if isinstance(rouge1, list) else None,
     )
 
 
@@ -170,10 +182,10 @@ def _stage_scores(stage_dir: Path) -> dict:
     return {}
 
 
-def _task_scores(scores: dict, task_order: list[str]) -> list[float | None]:
+def _task_scores(scores: dict, task_order: list[str], metric: str = "exact_match") -> list[float | None]:
     row = []
     for task in task_order:
-        value = scores.get(f"predict_exact_match_for_{task}")
+        value = scores.get(f"predict_{metric}_for_{task}")
         row.append(float(value) if isinstance(value, (int, float)) else None)
     return row
 
@@ -192,12 +204,17 @@ def _load_outputs(outputs: Path, run_dir: Path) -> RunSummary | None:
     if not order:
         return None
     task_order = [_STAGE_DIR.match(stages[k].name).group(2) for k in order]
-    matrix = [_task_scores(_stage_scores(stages[k]), task_order) for k in order]
-    reference = _task_scores(_stage_scores(stages[0]), task_order) if 0 in stages else None
+    scores = {k: _stage_scores(stages[k]) for k in stages}
+    matrix = [_task_scores(scores[k], task_order) for k in order]
+    reference = _task_scores(scores[0], task_order) if 0 in stages else None
+    rouge1 = [_task_scores(scores[k], task_order, "rouge1") for k in order]
+    has_rouge = any(v is not None for row in rouge1 for v in row)
     method, model = _method_and_model(run_dir, {})
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=reference,
         method=method, model=model, source="upstream", packages=_packages(run_dir), outputs=outputs, seed=_seed(run_dir),
+        rouge1=rouge1 if has_rouge else None,
+        rouge1_reference=_task_scores(scores[0], task_order, "rouge1") if has_rouge and 0 in stages else None,
     )
 
 
@@ -241,12 +258,16 @@ def _stage_label(run: RunSummary, stage: int) -> str:
     return f"after {stage}-{task}"
 
 
-def _matrix_lines(run: RunSummary) -> list[str]:
-    """The accuracy matrix, split into column blocks that fit the terminal width."""
-    labels = [_stage_label(run, k) for k in range(1, len(run.matrix) + 1)]
-    if run.reference is not None:
+def _matrix_lines(run: RunSummary, matrix: list[list[float | None]] | None = None,
+                  reference: list[float | None] | None = None) -> list[str]:
+    """The accuracy matrix (or `matrix`, laid out as it is), split into column blocks that fit
+    the terminal width."""
+    if matrix is None:
+        matrix, reference = run.matrix, run.reference
+    labels = [_stage_label(run, k) for k in range(1, len(matrix) + 1)]
+    if reference is not None:
         labels = ["zero-shot", *labels]
-    rows = ([run.reference] if run.reference is not None else []) + run.matrix
+    rows = ([reference] if reference is not None else []) + matrix
     label_width = max((len(s) for s in labels), default=0)
     blocks, block, used = [], [], label_width
     for j in range(len(run.task_order)):
@@ -292,6 +313,11 @@ def _run_lines(run: RunSummary) -> list[str]:
         if run.reference is not None:
             fwt_terms = metrics.forward_transfer_terms(run.matrix, run.reference)
             lines.append(f"FWT {_number(run.forward_transfer)}  ({_over(len(fwt_terms), max(n_tasks - 1, 0))})")
+    if run.rouge1 is not None:
+        lines += ["", "ROUGE-1 (rouge-score F-measure x100, stemmed)"]
+        lines += _matrix_lines(run, run.rouge1, run.rouge1_reference)
+        present = sum(v is not None for v in (run.rouge1[-1] if run.rouge1 else []))
+        lines.append(f"R-1 {_number(run.average_rouge1)}  (macro mean {_over(present, n_tasks)})")
     return lines
 
 
@@ -349,6 +375,9 @@ def _report_text(runs: list[RunSummary]) -> str:
              _number(r.forward_transfer)]
             for r in runs
         ]
+        if any(r.rouge1 is not None for r in runs):  # the column DEAL's tables put next to EM
+            header.append("R-1")
+            rows = [row + [_number(r.average_rouge1)] for row, r in zip(rows, runs)]
         sections.append("\n".join(["== summary ==", *_table(header, rows, right_align_from=3)]))
         sections.append("\n".join(_paired_lines(runs)))
     return "\n\n".join(sections) + "\n"

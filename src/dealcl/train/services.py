@@ -42,6 +42,10 @@ class TrainingServices:
         self.share_prefix = share_prefix and arch == "causal" and not self.processes.sharded
         self._mask_logits: bool | None = None  # whether the model takes a mask as logits_to_keep (probed once)
         self.on_trained = lambda examples: None  # called after every optimizer step (the run's progress)
+        # Called after every optimizer step with the stage's step number, the step's loss terms
+        # ("task" and each of the method's extra_losses, as added to the loss) and the learning
+        # rate: the run's experiment trackers (runs/tracking.py).
+        self.on_step = lambda step, loss_terms, lr: None
 
     def generator(self, offset: int) -> torch.Generator:
         """A CPU generator seeded by the run's seed and `offset` (distinct per use and task)."""
