@@ -256,11 +256,16 @@ class InfLora(ContinualMethod):
     # ---- per task ------------------------------------------------------------------------------
     def on_task_start(self, model: torch.nn.Module, stage: Stage) -> None:
         self.current = self.adapters.for_task(model, stage.index)
+        self.add_task_structure(model, stage)
         if self.config.a_init == "random_projected" and stage.index > 1:
             self.design_a_projected(model, self.current)
         self._activate(model, stage.index, self.current, self.extra_trainable(model))
 
+    def add_task_structure(self, model: torch.nn.Module, stage: Stage) -> None:
+        """What a subclass adds per task besides the adapter (GainLoRA: the task's gate)."""
+
     def extra_trainable(self, model: torch.nn.Module) -> tuple[torch.nn.Parameter, ...]:
+        """Parameters that train besides the current B (GainLoRA: the current gate)."""
         return ()
 
     @torch.no_grad()
