@@ -177,6 +177,14 @@ class GateBank(torch.nn.Module):
         return values
 
 
+def gate_hook(bank: GateBank, index: int):
+    """A forward hook for task `index`'s `lora_B`: its output times a_index, row by row."""
+    def hook(module, args, output):
+        a = bank.coefficient(index, output.shape[0]).to(output.dtype)
+        return output * a.view(-1, *([1] * (output.dim() - 1)))
+    return hook
+
+
 class GateProjectedAdamW(torch.optim.AdamW):
     """AdamW whose step on each gate parameter is projected off that parameter's memory
     (§2.5 step 3): the values are snapshot, the inner step runs, the change is projected. The
@@ -255,14 +263,8 @@ class GainLora(InfLora):
             if adapter in self.hooked:
                 continue
             for _, layer in self.lora_modules(model):
-                layer.lora_B[adapter].register_forward_hook(self._gated(index))
+                layer.lora_B[adapter].register_forward_hook(gate_hook(self.bank, index))
             self.hooked.add(adapter)
-
-    def _gated(self, index: int):
-        def hook(module, args, output):
-            a = self.bank.coefficient(index, output.shape[0]).to(output.dtype)
-            return output * a.view(-1, *([1] * (output.dim() - 1)))
-        return hook
 
     # ---- the gate input ------------------------------------------------------------------------
     def _pooled(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -433,4 +435,4 @@ class GainLora(InfLora):
         self._activate(model, stage.index, None)
 
 
-__all__ = ["GainLora", "GainLoraConfig", "GateBank", "TaskGate", "gate_value", "pool_prompt", "projected_update"]
+__all__ = ["GainLora", "GainLoraConfig", "GateBank", "GateProjectedAdamW", "TaskGate", "gate_hook", "gate_value", "pool_prompt", "projected_update"]
