@@ -190,7 +190,12 @@ def test_gates_see_the_prompt_only_in_training_generation_and_scoring(toy_data_s
     assert not torch.allclose(from_training[:, 0], from_training[:, 1])  # two distinct gates
     sentences = [e.sentence for e in task.test[:6]]
     common = dict(arch=services.arch, device=services.device, autocast=services.autocast, progress=False)
+    computed, compute = [], method.bank.compute
+    method.bank.compute = lambda p0: (compute(p0), computed.append(method.bank.coefficients.clone()))
     batched, _ = generate_answers(lm, services.encoder, task, sentences, batch_size=6, **common)
+    method.bank.compute = compute
+    # every gate row generation computed is one of the prompts' (a shared prefix's would not be)
+    assert computed and all(torch.cdist(rows, from_training).min(dim=1).values.max() < 1e-5 for rows in computed)
     single = [generate_answers(lm, services.encoder, task, [s], batch_size=1, **common)[0][0] for s in sentences]
     assert batched == single
     scored = label_scores(lm, services.encoder, task, sentences, batch_size=6, **common)

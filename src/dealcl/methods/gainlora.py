@@ -299,7 +299,10 @@ class GainLora(InfLora):
         self.bank.compute(self._pooled(ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()))
 
     def _before_decoder(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        # transformers renamed `past_key_values` to `cache` during 5.x: either may hold it.
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             return  # a decoding step: the gates of the prompt that filled the cache still hold
         ids = kwargs.get("input_ids", args[0] if args else None)
