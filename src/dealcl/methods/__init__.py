@@ -45,10 +45,17 @@ BUILTIN_METHODS: tuple[MethodInfo, ...] = (
                             "regulariser off", _DEAL_PAPER),
     MethodInfo("ewc", "one LoRA with an EWC penalty (empirical diagonal Fisher per finished task, accumulated)",
                "Kirkpatrick et al., Overcoming catastrophic forgetting in neural networks, PNAS 2017"),
+    MethodInfo("gainlora", "InfLoRA branches weighted by per-task gates on the prompt; gate updates kept off old tasks' features",
+               "Liang & Li, Gated Integration of Low-Rank Adaptation for Continual Learning of Large Language Models, "
+               "NeurIPS 2025"),
     MethodInfo("gorp", "per-task LoRA + GaLore full-rank weights, gradient memory from Adam's first moment",
                "Wang, Lyu, Sun, Jing, Continual Gradient Low-Rank Projection Fine-Tuning for LLMs, ACL 2025"),
     MethodInfo("inclora", "a new LoRA per task, earlier ones frozen and summed, no regulariser",
                f"IncLoRA baseline of {_OLORA} (O-LoRA with λ1 = λ2 = 0)"),
+    MethodInfo("inflora", "a new LoRA per task with A designed orthogonal to old tasks' inputs (GPM memory) and frozen; "
+                          "only B trains",
+               "Liang & Li, InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning, CVPR 2024 "
+               "(LLM form of the GainLoRA code)"),
     MethodInfo("lwf", "one LoRA; KL toward the previous stage's model on the new task's answer positions (T = 2)",
                "Li & Hoiem, Learning without Forgetting, ECCV 2016 / TPAMI 2017"),
     MethodInfo("mtl", "one LoRA trained jointly on every task of the sequence (multi-task upper bound; AA only)",
