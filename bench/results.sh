@@ -7,15 +7,20 @@
 # results/) are re-read, not retrained. Adapters are not kept.
 #
 # `bench/results.sh sweeps|order1|orders23|seeds|render` runs one step; no argument runs all.
+# `bench/results.sh new METHOD` runs the newer baselines (inflora, gainlora, nlora, osf) one at a
+# time: a 3-rate sweep, then order 1 at the chosen rate into results/order1-new (several METHODs
+# may run side by side); `bench/results.sh new-table` then re-reads them into one comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-make setup
+# PY=path/to/python uses that environment as it is (no `make setup`).
+[[ -n ${PY:-} ]] || make setup
 PY=${PY:-.venv/bin/python}
 COMMON=(--benchmark standard --model smollm2-135m --train-per-task 200 --test-per-task 100 --quiet)
 MAIN=seqlora,olora,gorp,deal,mtl
 ALL=zero-shot,seqlora,inclora,olora,gorp,deal,deal-code,seqft,replay,ewc,lwf,mtl,pertask
 SWEPT="inclora ewc lwf replay pertask deal-code seqft seqlora olora gorp deal mtl"
 step=${1:-all}
+NEW=inflora,gainlora,nlora,osf
 
 prune() { find results -type d -name adapters -prune -exec rm -rf {} +; }
 
@@ -47,6 +52,22 @@ if [[ $step == all || $step == seeds ]]; then
         --output "results/order1-seed$seed"
     prune
   done
+fi
+# 4. The newer baselines. Their grid has three rates: 1e-4 never won for a LoRA method in the
+#    4-rate sweeps (inclora 23 AA against 54-58 at the others), and the hours are the CPU's.
+#    OSF trains a full-size SVD reparametrisation of every projection, so its grid is lower.
+if [[ $step == new ]]; then
+  method=${2:?usage: bench/results.sh new METHOD}
+  rates=5e-4,1e-3,2e-3
+  [[ $method == osf ]] && rates=5e-6,2e-5,1e-4
+  $PY -m dealcl sweep --tasks dbpedia,amazon --method "$method" --model smollm2-135m --train-per-task 200 \
+      --val-per-task 100 --lrs "$rates" --quiet --output "results/sweep/$method"
+  lr=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen_lr'])" "results/sweep/$method/sweep.json")
+  $PY -m dealcl run "${COMMON[@]}" --order 1 --method "$method" --lr "$lr" --output "results/order1-new/order1-$method"
+  prune
+fi
+if [[ $step == new-table ]]; then
+  $PY -m dealcl compare "${COMMON[@]}" --orders 1 --methods "$NEW" --lrs-from results/sweep --output results/order1-new
 fi
 if [[ $step == all || $step == render ]]; then
   $PY bench/render_results.py results --into docs/RESULTS.md

@@ -32,6 +32,14 @@ def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, 
     for name in ("comparison.md", "aa_bwt.png", "custom-seqlora_matrix.png", "custom-seqlora_curves.png"):
         assert (out / name).is_file()
     assert "| seqlora |" in (out / "comparison.md").read_text()
+    # The paired table (tests/test_paired.py checks its numbers): in comparison.json and .md, and printed.
+    (pair,) = comparison["pairwise"]["pairs"]
+    assert {pair["a"], pair["b"]} == {"seqlora", "zero-shot"} and pair["run_pairs"] and pair["average_accuracy"]
+    assert f"| {pair['a']} − {pair['b']} | 1 |" in (out / "comparison.md").read_text()
+    assert "## Paired differences" in capsys.readouterr().out
+    row = comparison["methods"]["seqlora"]
+    results = json.loads((out / "custom-seqlora" / "results.json").read_text())
+    assert row["ft"]["custom-seqlora"] == pytest.approx(results["mean_forgetting"])
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -59,6 +67,7 @@ def test_compare_aggregates_equal_the_runs_and_a_rerun_trains_nothing(toy_data, 
     assert all(path.read_bytes() == content for path, content in answers.items())
     again = json.loads((out / "comparison.json").read_text())["runs"]
     assert [(r["aa_interval"], r["bwt_interval"]) for r in again] == intervals
+    assert json.loads((out / "comparison.json").read_text())["pairwise"] == comparison["pairwise"]
 
 
 def test_one_order_plots_bootstrap_intervals_as_error_bars(toy_data, tmp_path, monkeypatch):

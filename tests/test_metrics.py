@@ -142,47 +142,26 @@ def test_summarize_joint_run():
 
 
 def test_bootstrap_of_a_joint_run_uses_its_one_stage():
-    """mtl trains every task in stage 1: its AA interval comes from that stage."""
-    from dealcl.eval.metrics import bootstrap_intervals
+    """mtl trains every task in stage 1: its AA interval comes from that stage, and it has no BWT or FT."""
+    import numpy as np
 
-    correct = {(1, 0): [True, False] * 50, (1, 1): [True] * 100}
-    low, high = bootstrap_intervals(correct, 2)["average_accuracy"]
+    from dealcl.eval.bootstrap import RunHits, run_intervals
+
+    run = RunHits(n_rows=1, test_sets=["a", "b"], joint=True,
+                  hits={(0, 0): np.array([True, False] * 50), (0, 1): np.ones(100, dtype=bool)})
+    intervals = run_intervals(run)
+    low, high = intervals["average_accuracy"]
     assert low < 75.0 < high and high <= 100.0
+    assert intervals["backward_transfer"] is None and intervals["forgetting"] is None
 
 
-def test_peak_memory_is_counted_per_run():
-    """compare runs many runs in one process; each one's peak starts from the reset."""
-    import torch
-
-    from dealcl.runs.memory import peak_memory_mb, reset_peak_memory
-
-    cpu = torch.device("cpu")
-    big = torch.ones(100_000_000)  # 400 MB
-    high = peak_memory_mb(cpu)
-    del big
-    reset_peak_memory(cpu)
-    assert peak_memory_mb(cpu) < high - 300
-
-
-def test_peak_memory_reset_returns_freed_heap_first():
-    """Small allocations freed by an earlier run stay in the C heap (and in the RSS the reset
-    starts from) unless handed back; the reset hands them back."""
-    import gc
-    from pathlib import Path
-
-    import torch
-
-    from dealcl.runs.memory import reset_peak_memory
-
-    def rss_mb() -> float:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) / 1024
-
-    chunks = [bytearray(4000) for _ in range(60_000)]  # ~240 MB in small heap blocks
-    pin = bytearray(4000)  # above them: the heap top stays in use, so free() alone returns nothing
-    with_chunks = rss_mb()
-    del chunks
-    gc.collect()
-    reset_peak_memory(torch.device("cpu"))
-    assert rss_mb() < with_chunks - 150
-    del pin
+def test_ft_by_hand_differs_from_minus_bwt_when_a_task_peaks_later():
+    """FT (new_methods_spec.md §5) on R: task a peaks at stage 2 (88) and ends at 60, task b peaks
+    on its own stage (90) and ends at 85: FT = ((88 − 60) + (90 − 85)) / 2 = 16.5, while
+    −BWT = ((80 − 60) + (90 − 85)) / 2 = 12.5. They are equal once every task peaks on its own stage."""
+    assert mean_forgetting(R) == pytest.approx(16.5)
+    assert -backward_transfer(R) == pytest.approx(12.5)
+    own_peak = [row[:] for row in R]
+    own_peak[1][0] = 70.0
+    assert mean_forgetting(own_peak) == pytest.approx(-backward_transfer(own_peak)) == pytest.approx(12.5)
+    assert summarize(["a", "b", "c"], R)["mean_forgetting"] == 16.5

@@ -27,11 +27,12 @@ def run(output: str | Path, *, progress: bool = False, **settings: Any) -> dict[
     return run_continual(_config(settings), Path(output), progress=progress)
 
 
-def resume(run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
-    """Continue a run after its last finished stage; returns results.json."""
+def resume(run_dir: str | Path, *, progress: bool = False, retrain_stage: int | None = None) -> dict[str, Any]:
+    """Continue a run after its last finished stage; returns results.json. `retrain_stage` K
+    discards stage K and the later ones and does them again (a damaged run's way out)."""
     from .runs.driver import resume_config, run_continual
 
-    return run_continual(resume_config(Path(run_dir)), Path(run_dir), progress=progress)
+    return run_continual(resume_config(Path(run_dir)), Path(run_dir), progress=progress, retrain_stage=retrain_stage)
 
 
 def compare(methods: list[str], output: str | Path, *, orders: list[int | None] | None = None,

@@ -25,6 +25,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from ..data.types import Task
 from ..faults import fault_point
+from ..models import shares_prompt_prefix
 from ..prompts import PromptEncoder, common_prefix_length
 from .metrics import normalize_answer
 
@@ -136,8 +137,10 @@ def generate_answers(
         decoder_start_token_id=getattr(getattr(model, "config", None), "decoder_start_token_id", None),
     )
     answers: list[str] = [""] * len(prompts)
-    # Ranks' prefixes may differ in length, not in number of forwards: only safe unsynced.
-    prefix = prompts[0][: common_prefix_length(prompts)] if share_prefix and arch == "causal" and not synced else []
+    # Ranks' prefixes may differ in length, not in number of forwards: only safe unsynced; and
+    # never for a model whose prefix states depend on the rest of the row (GainLoRA's gates).
+    shared = share_prefix and arch == "causal" and not synced and shares_prompt_prefix(model)
+    prefix = prompts[0][: common_prefix_length(prompts)] if shared else []
     prefix_cache = None
     if prefix:
         with autocast():

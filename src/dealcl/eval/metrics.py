@@ -1,4 +1,4 @@
-"""Exact match, ROUGE and the continual-learning metrics (AA, BWT, FWT, forgetting).
+"""Exact match, ROUGE and the continual-learning metrics (AA, BWT, FWT, forgetting FT).
 
 Per-example scoring follows upstream `compute_metrics.py` (gorp_olora_spec.md §1.3,
 deal_spec.md §2.5): normalise (lower-case, drop ASCII punctuation, collapse whitespace), then
@@ -144,7 +144,12 @@ def forward_transfer(R: Matrix, reference: Sequence[Optional[float]] | None) -> 
 
 def forgetting(R: Matrix) -> list[float | None]:
     """Per task j < T: max over stages i in [j, T−1) of R[i][j] − R[T][j]; None for the last task
-    or when the final entry or every earlier entry is unknown."""
+    or when the final entry or every earlier entry is unknown.
+
+    The max starts at the stage that learned task j: with eval_all_stages a task is also scored
+    before it is learned, and that score is forward transfer, not knowledge that can be
+    forgotten. GainLoRA/InfLoRA predict only the tasks seen so far, so on their matrices this is
+    their max over j < T (new_methods_spec.md §5)."""
     last = len(R) - 1
     n_tasks = len(R[0]) if R else 0
     result: list[float | None] = []
@@ -157,6 +162,9 @@ def forgetting(R: Matrix) -> list[float | None]:
 
 
 def mean_forgetting(R: Matrix) -> float | None:
+    """FT, the forgetting GainLoRA and InfLoRA publish next to AP (= AA): the mean over tasks
+    j < T of `forgetting` (new_methods_spec.md §5), skipping unknown terms. FT ≥ −BWT, with
+    equality when every task peaks on its own stage. results.json keeps it as `mean_forgetting`."""
     return _mean([v for v in forgetting(R) if v is not None])
 
 
@@ -194,11 +202,14 @@ def summarize(
     unknown_labels: dict[str, int] | None = None,
     *,
     joint: bool = False,
+    rouge: dict[str, tuple[Matrix, Sequence[Optional[float]] | None]] | None = None,
 ) -> dict:
     """The content of results.json.
 
     joint=True: a multi-task run, one row covering all tasks; only AA is defined, BWT, FWT and
-    forgetting are None."""
+    forgetting are None. `rouge` (with_rouge runs): per ROUGE type ("rouge1", "rougeL") its
+    matrix, laid out as R, and its zero-shot row; they go in as `<type>_matrix`,
+    `reference_<type>` and `average_<type>` (the macro mean of the last row, as AA)."""
     if joint:
         bwt = fwt = mean_forget = None
         per_task_forgetting: list[float | None] = [None] * len(task_order)
@@ -219,46 +230,8 @@ def summarize(
         "missing": missing_entries(task_order, R, joint=joint),
         "unknown_test_labels": dict(unknown_labels) if unknown_labels is not None else None,
     }
+    for name, (matrix, zero_shot) in (rouge or {}).items():
+        summary[f"{name}_matrix"] = [list(row) for row in matrix]
+        summary[f"reference_{name}"] = list(zero_shot) if zero_shot is not None else None
+        summary[f"average_{name}"] = average_accuracy(matrix)
     return _round(summary)
-
-
-def bootstrap_intervals(
-    correct: dict[tuple[int, int], Sequence[bool]], n_tasks: int, *, resamples: int = 1000, seed: int = 0,
-    level: float = 0.95,
-) -> dict[str, tuple[float, float] | None]:
-    """Percentile bootstrap intervals of AA and BWT over test examples.
-
-    `correct[(i, j)]` holds per-example exact-match hits of task j (0-based) after stage i
-    (1-based). Each resample draws every task's test examples with replacement once and uses
-    the same draw at every stage, because the same examples are re-evaluated after each stage.
-    """
-    import random
-
-    rng = random.Random(seed)
-    # The last stage: stage T of a continual run, stage 1 of a joint one (mtl trains all at once).
-    last = max((i for i, _ in correct), default=n_tasks)
-    sizes = {j: len(correct[(last, j)]) for j in range(n_tasks) if (last, j) in correct}
-    if len(sizes) < n_tasks:
-        return {"average_accuracy": None, "backward_transfer": None}
-    aa_samples, bwt_samples = [], []
-    for _ in range(resamples):
-        picks = {j: [rng.randrange(n) for _ in range(n)] for j, n in sizes.items()}
-
-        def acc(i: int, j: int) -> float:
-            hits = correct[(i, j)]
-            return 100.0 * sum(hits[k] for k in picks[j]) / len(picks[j])
-
-        aa_samples.append(sum(acc(last, j) for j in range(n_tasks)) / n_tasks)
-        terms = [acc(last, j) - acc(j + 1, j) for j in range(n_tasks - 1) if (j + 1, j) in correct]
-        if terms:
-            bwt_samples.append(sum(terms) / len(terms))
-
-    def interval(samples: list[float]) -> tuple[float, float] | None:
-        if not samples:
-            return None
-        samples = sorted(samples)
-        low = samples[int((1 - level) / 2 * (len(samples) - 1))]
-        high = samples[int((1 + level) / 2 * (len(samples) - 1))]
-        return (round(low, 2), round(high, 2))
-
-    return {"average_accuracy": interval(aa_samples), "backward_transfer": interval(bwt_samples)}

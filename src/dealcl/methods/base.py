@@ -85,7 +85,9 @@ class ContinualMethod:
     joint: ClassVar[bool] = False
     # How `dealcl export` takes the final model out: "adapter" (the active PEFT LoRA adapters,
     # summed into one stock adapter), "merged" (adapters merged into full safetensors weights),
-    # or None with `export_refusal` saying why it cannot be done.
+    # "module" (the base model, the method's own tensors from `export_module(model, folder)` and
+    # the standalone loader file `export_loader`: DEAL), or None with `export_refusal` saying why
+    # it cannot be done.
     export_as: ClassVar[str | None] = None
     export_refusal: ClassVar[str] = "its final model is not a plain (or mergeable) LoRA model"
     # Options a run may set per task (`task_overrides`, e.g. O-LoRA's λ per task in its 15-task

@@ -203,8 +203,11 @@ class Deal(ContinualMethod):
              "Fine-Tuning, NeurIPS 2025 (arXiv:2509.18942)")
     config_class = DealConfig
     per_task_options = ("lambda1", "lambda2")
-    export_refusal = ("the adaptive-update MLP sits between A and B: the model is neither a LoRA adapter nor "
-                      "mergeable into linear weights")
+    # The adaptive-update MLP sits between A and B and has a ReLU: the model is neither a stock
+    # LoRA adapter nor mergeable into linear weights. `dealcl export` writes the base model, this
+    # method's tensors (`export_module`) and a standalone loader (torch + safetensors only).
+    export_as = "module"
+    export_loader = Path(__file__).with_name("_deal_loader.py")
     # Task 1 is plain LoRA, as SeqLoRA (calibrated at 5e-4 on smollm2-135m). From task 2 the MLP
     # starts as the exact identity (residual, fc2 = 0) and Adam's step size is lr-bound per
     # parameter, so the same lr trains θ and the MLP without a jump at the task boundary.
@@ -348,6 +351,29 @@ class Deal(ContinualMethod):
             wrapper.weight.grad = None
         self.grad_sums = {}
         self.tasks_done = stage.index
+
+    # ---- export -------------------------------------------------------------------------------------
+    def export_module(self, model: torch.nn.Module, directory: Path) -> None:
+        """The adapter as `_deal_loader.py` rebuilds it on the plain base model: per module, the
+        filtered A (θ applied), B, the MLP's weights, and PEFT's scale α/r."""
+        prefix = "base_model.model."  # PeftModel → LoraModel → the transformers model
+        tensors: dict[str, torch.Tensor] = {}
+        modules = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                plain = name[len(prefix):] if name.startswith(prefix) else name
+                wrapper = self.wrappers.get(name)
+                a = wrapper.filtered_weight() if wrapper is not None else layer.lora_A[ADAPTER].weight
+                tensors[f"{plain}.lora_A"] = a
+                tensors[f"{plain}.lora_B"] = layer.lora_B[ADAPTER].weight
+                if wrapper is not None and wrapper.mlp is not None:
+                    for key, value in wrapper.mlp.state_dict().items():
+                        tensors[f"{plain}.mlp.{key}"] = value
+                modules[plain] = {"scale": float(layer.scaling[ADAPTER])}
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(directory / "deal_adapter.safetensors"))
+        meta = {"method": self.name, "rank": self.rank, "mlp_hidden": self.hidden, "residual_mlp": self.residual_mlp,
+                "modules": modules}
+        (directory / "deal_adapter.json").write_text(json.dumps(meta, indent=2))
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_state(self, model: torch.nn.Module, directory: Path) -> None:

@@ -30,20 +30,20 @@ def flag(default: Any, help: str) -> Any:
 class RunConfig:
     method: str = flag("seqlora", 'registered name (`dealcl methods`) or path/to/file.py:ClassName')
     model: str = flag("smollm2-135m", 'short name (`dealcl models`), Hugging Face id, local folder or .gguf file')
-    benchmark: str | None = flag(None, 'tc, standard or long (`dealcl benchmarks`)')
-    order: int | None = flag(None, 'task order of the benchmark (standard: 1-3, long: 4-6)')
+    benchmark: str | None = flag(None, 'a named task sequence (`dealcl benchmarks`; default: none, give --tasks)')
+    order: int | None = flag(None, 'task order of the benchmark (standard: 1-3, long: 4-6; tc has one)')
     tasks: list[str] | None = flag(None, 'a custom sequence: comma-separated dataset names or task folders')
     data: str | None = flag(None, "CL_Benchmark root (default $DEALCL_DATA, ../shared/CL_Benchmark, "
                                   "./data/CL_Benchmark)")
-    train_per_task: int | None = flag(None, 'cap on training examples per task')
-    test_per_task: int | None = flag(None, 'cap on test examples per task')
+    train_per_task: int | None = flag(None, 'cap on training examples per task (default: all)')
+    test_per_task: int | None = flag(None, 'cap on test examples per task (default: all)')
     val_per_task: int = flag(0, 'validation examples held out of train')
     sample: str = flag("first", 'first (upstream) or random (seeded) examples under a cap')
-    epochs: int = flag(1, "passes over each task's training examples (default 1)")
+    epochs: int = flag(1, "passes over each task's training examples")
     lr: float | None = flag(None, "learning rate (default: the method's calibrated value)")
-    batch_size: int = flag(8, "examples per optimizer step on each accumulation (default 8); a step takes "
-                              "batch size x grad accum examples")
-    grad_accum: int = flag(1, "gradient accumulation: batches per optimizer step (default 1)")
+    batch_size: int = flag(8, "examples per batch; an optimizer step takes batch size x grad accum "
+                              "examples, whatever the number of processes")
+    grad_accum: int = flag(1, "gradient accumulation: batches per optimizer step")
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     # At most this many padded tokens (rows × longest) per micro-batch, one example at least;
@@ -55,30 +55,35 @@ class RunConfig:
     # gradient checkpointing (no cache while recomputing) and with fsdp.
     share_prompt_prefix: bool = True
     group_by_length: bool = True  # batches of similar length (less padding); false: plain shuffle
-    seed: int = flag(42, 'seed of data order, dropout and adapter init (default 42)')
+    seed: int = flag(42, 'seed of the data order, sampling, dropout and adapter init')
     max_source_length: int = 512
-    precision: str = flag("auto", "auto, bf16 or fp32 (autocast for compute; auto: bf16 where the CPU or GPU has it)")
+    precision: str = flag("auto", "compute precision (autocast): bf16, fp32, or auto = bf16 where the CPU or GPU has it")
     model_dtype: str = "fp32"  # fp32 | bf16: how the frozen base weights are stored (adapters stay fp32)
     fsdp: bool = False  # several processes: shard the frozen block weights over the ranks (FSDP2)
     prompt_style: str = flag("plain", "plain (upstream prompt) or chat (model's chat template)")
     eval_batch_size: int = 16
-    eval_mode: str = flag("generate", "generate (greedy answers, exact match; default) or score (rank the labels "
+    eval_mode: str = flag("generate", "generate (greedy answers, exact match) or score (rank the labels "
                                       "by likelihood)")
     eval_split: str = "test"  # test | validation (the --val-per-task examples held out of train: tuning)
     eval_all_stages: bool = flag(False, 'evaluate every task after every stage (gives forward transfer)')
     reference_stage: bool = True  # evaluate the untouched model first: the zero-shot b_j
-    with_rouge: bool = False
+    with_rouge: bool = flag(False, "also score ROUGE-1 and ROUGE-L (rouge-score, stemmed, as upstream) into results.json; "
+                                   "generates whole answers (no early stop)")
+    # Experiment trackers (accelerate's): none, or a list of tensorboard, wandb, mlflow. They
+    # log under <run>/tracking/ (runs/tracking.py); what is computed does not depend on them.
+    report_to: list[str] | None = flag(None, "experiment trackers: none (default), or tensorboard, wandb, mlflow "
+                                             "(comma-separated); they log into <run>/tracking/")
     trust_remote_code: bool = flag(False, "allow a model's own Python code to run (off by default)")
     # The recipe whose values this config starts from (recorded, applied once).
     recipe: str | None = flag(None, "start from a recipe of upstream settings: a name from `dealcl recipes`, or "
-                                    "upstream (the one for this method, benchmark and model family)")
+                                    "upstream (the one for this method, benchmark and model family; default: none)")
     method_options: dict[str, Any] = field(default_factory=dict)
     # Values for some stages only: selector (task name, "stage N", "stages N-M", "stages N-") →
     # {key: value}, keys from STAGE_KEYS or method.KEY (options the method lets vary per task).
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # Keys that do not change what is computed: a run may be resumed with other values.
-    NON_SEMANTIC: typing.ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "fsdp"})
+    NON_SEMANTIC: typing.ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "fsdp", "report_to"})
 
     @classmethod
     def flag_fields(cls) -> list[dataclasses.Field]:
@@ -269,7 +274,27 @@ def validate(config: RunConfig) -> RunConfig:
         if value is not None and value < 0:
             raise UserError(f"config key '{key}' must not be negative, got {value!r}")
     _check_task_overrides(config)
+    config.report_to = _check_trackers(config.report_to)
     return config
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def _check_trackers(names: list[str] | None) -> list[str] | None:
+    """report_to as a list of known tracker names without repeats, or None for none."""
+    wanted = [] if names is None else [n.strip().lower() for n in names]
+    wanted = [n for n in dict.fromkeys(wanted) if n not in ("none", "")]
+    for name in wanted:
+        if name not in TRACKERS:
+            raise _unknown_tracker(name)
+    return wanted or None
+
+
+def _unknown_tracker(name: str) -> UserError:
+    close = difflib.get_close_matches(name, TRACKERS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"config key 'report_to' takes none or {', '.join(TRACKERS)}, got {name!r}{hint}")
 
 
 def read_yaml_config(path: Path) -> dict[str, Any]:

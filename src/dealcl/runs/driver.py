@@ -21,7 +21,7 @@ import torch
 from ..data.types import Task
 from ..errors import UserError
 from ..eval.evaluator import BASE_MODEL, OLD_ANSWER_RULE, Evaluator, StageEvaluation, answer_rule
-from ..eval.metrics import summarize
+from ..eval.metrics import ROUGE_TYPES, summarize
 from ..methods import Stage
 from ..models.loading import LoadedModel
 from ..train.distributed import launched_processes
@@ -29,11 +29,13 @@ from .config import RunConfig, config_from_dict, stage_overrides
 from .layout import (
     REFERENCE, RunStore, outputs_verify, read_stage_outputs, sibling_reference_answers, write_stage_outputs,
 )
+from .integrity import check_data_files, check_resumable, discard_stages
 from .memory import peak_memory_mb, reset_peak_memory
 from .progress import RunProgress, Workload
 from .provenance import run_yaml
 from .session import Prepared, Session, build_session
 from .store import atomic_write_json, verify_stage_dir, write_stage_dir
+from .tracking import check_installed, open_tracker
 
 log = logging.getLogger("dealcl")
 
@@ -44,26 +46,46 @@ def say(message: str) -> None:
 
 
 def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loaded: LoadedModel | None = None,
-                  costs: tuple[float, float] | None = None) -> dict:
+                  costs: tuple[float, float] | None = None, retrain_stage: int | None = None) -> dict:
     """Run (or resume) a whole continual sequence; returns the results.json content.
 
     `costs`: seconds per training example and per answer on this machine (a probe's), for the
-    whole-run progress bar; typical values otherwise."""
+    whole-run progress bar; typical values otherwise. `retrain_stage` K: discard stage K and the
+    later ones of an existing run and do them again (0: only the reference evaluation), the way
+    out that a damaged run's error names (integrity.py)."""
+    check_installed(config.report_to)  # a missing tracker package stops the run before anything loads
     session = build_session(config, loaded, prepare_model=False)
     reset_peak_memory(session.prep.device)
     ranks = session.services.processes
     progress = progress and ranks.is_main
-    # Only rank 0 writes the run directory; the others wait for it and then read it.
-    store = ranks.on_main(lambda: open_run_dir(Path(output), session.prep))
-    store = store or RunStore(Path(output))
-    handler = _setup_log(store) if ranks.is_main else None
-    evaluator = session.evaluator(progress)
-    record = RunRecord(session.prep, efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
     stages = session.stages()
     if len({s.name for s in stages}) != len(stages):
         raise UserError("a method produced two stages with the same name")
+    existed = RunStore(Path(output)).is_run()
+    if existed:
+        # Read before anything is written: a damaged stage or changed data stops the command here.
+        check_resumable(Path(output), stages, retrain_stage)
+    elif retrain_stage is not None:
+        raise UserError(f"--retrain-stage: {output} is not a dealcl run directory (no run.yaml)")
+    # Only rank 0 writes the run directory; the others wait for it and then read it.
+    store = ranks.on_main(lambda: open_run_dir(Path(output), session.prep))
+    store = store or RunStore(Path(output))
+    if existed:
+        check_data_files(store.root, store.read_run_yaml(), session.tasks)
+    if retrain_stage is not None:
+        removed = ranks.on_main(lambda: discard_stages(store.root, stages, retrain_stage)) or []
+        say(f"--retrain-stage {retrain_stage}: discarded {', '.join(str(p.relative_to(store.root)) for p in removed) or 'nothing'}; "
+            "redoing " + ("the reference evaluation" if retrain_stage == 0 else f"stage {retrain_stage} and the later ones"))
+    handler = _setup_log(store) if ranks.is_main else None
+    if retrain_stage is not None:
+        log.info("--retrain-stage %d: discarded %s", retrain_stage, [str(p) for p in removed])
+    evaluator = session.evaluator(progress)
+    record = RunRecord(session.prep, efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
     overall = RunProgress(_workload(session, store, stages), progress, *(costs or ()))
     session.services.on_trained, evaluator.on_answered = overall.trained, overall.answered
+    tracker = ranks.on_main(lambda: open_tracker(store, config, record.efficiency))  # None off the main process
+    if tracker is not None:
+        session.services.on_step = tracker.log_step
     log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,
              [t.name for t in session.tasks], session.prep.precision)
     try:
@@ -72,13 +94,21 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
         model = session.prepare_model()
         resumed = resume(session, store, stages, evaluator, record)
         summary = ranks.on_main(lambda: record.write(store, stages)) if record.rows else {}
+        if tracker is not None:  # what earlier sessions evaluated and did not log (trackers added later)
+            for index, results in enumerate([record.reference] + record.rows):
+                if results is not None:
+                    tracker.log_evaluation(index, results)
         for stage in stages[len(record.rows):]:
-            if record.efficiency:  # each stage's own peak (the first one's includes loading and stage 0)
-                reset_peak_memory(session.prep.device)
+            # Each stage's own peak; where the count cannot be reset, efficiency.json says so.
+            record.peak_scope = "stage" if reset_peak_memory(session.prep.device) else "process"
             started = time.perf_counter()
             stats: dict[str, Any] = {}
             if stage.index > resumed:
+                if tracker is not None:
+                    tracker.begin_stage(stage.index)
                 stats = session.train(stage, progress)
+                if tracker is not None:
+                    tracker.trained(stage.index, stats.get("train_steps", 0))
                 ranks.on_main(lambda: write_stage_dir(store.adapter_dir(stage.index, stage.name),
                                                       lambda d: session.method.save_state(model, d)))
             tasks = evaluated_tasks(session, stages, stage)
@@ -88,10 +118,16 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
                                                       evaluation.results, evaluation.fingerprints))
             record.add_stage(stage, evaluation, stats, model, session.method.trains, time.perf_counter() - started)
             summary = ranks.on_main(lambda: record.write(store, stages, with_efficiency=True))
+            if tracker is not None:
+                tracker.log_evaluation(stage.index, evaluation.results)
             _report_stage(stage, len(stages), stats, tasks, evaluation)
+        if tracker is not None and len(record.rows) == len(stages):
+            tracker.log_final(summary)
         return summary
     finally:
         overall.close()
+        if tracker is not None:
+            tracker.close()
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
@@ -102,18 +138,26 @@ def reference_stage(session: Session, store: RunStore, evaluator: Evaluator) -> 
     come from a sibling run's identical stage 0 wherever its reference key matches."""
     directory = store.output_dir(0, REFERENCE)
     if outputs_verify(directory):
+        log.info("stage 0 (zero-shot reference): read from %s", directory)
         return _read_stage(directory, evaluator)
     prep = session.prep
     keys = evaluator.reference_keys(prep.tasks, prep.loaded.source, prep.config.model_dtype, prep.precision)
     borrowed = sibling_reference_answers(store.root, keys)
     for name, answers in borrowed.items():
         evaluator.remember(name, BASE_MODEL, answers)
-    say(f"stage 0 (zero-shot reference): evaluating {len(prep.tasks) - len(borrowed)} tasks"
+    say(f"stage 0 (zero-shot reference): evaluating {_count(len(prep.tasks) - len(borrowed), 'task')}"
         + (f", {len(borrowed)} answered by a sibling run's identical stage 0" if borrowed else ""))
     evaluation = evaluator.evaluate(prep.loaded.model, prep.tasks)
     session.services.processes.on_main(
         lambda: write_stage_outputs(directory, prep.tasks, evaluation.results, evaluation.fingerprints, keys))
+    scores = " ".join(f"{name}={r['exact_match']:.1f}" for name, r in evaluation.results.items())
+    log.info("stage 0 (zero-shot reference) done: %s evaluated in %.0f s (%d borrowed from a sibling run) | EM %s",
+             _count(len(prep.tasks), "task"), evaluation.seconds, len(borrowed), scores)
     return evaluation.results
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def resume(session: Session, store: RunStore, stages: list[Stage], evaluator: Evaluator, record: "RunRecord") -> int:
@@ -131,11 +175,13 @@ def resume(session: Session, store: RunStore, stages: list[Stage], evaluator: Ev
         # Its finished stages were scored another way: continuing would mix two metrics.
         raise UserError(f"{store.root} was started with another answer rule ({recorded_rule}); its remaining "
                         f"stages cannot be scored the same way: start it again in a new --output")
+    # The last stage whose checkpoint verifies and whose predecessors' outputs all do (a damaged
+    # folder never gets here: run_continual refused it). A checkpoint absent in between (deleted
+    # to save space) does not stop a later one from counting.
     resume_from = len(stages) if finished else 0
-    for stage in stages if not finished else []:
-        if verify_stage_dir(store.adapter_dir(stage.index, stage.name)) is not None:
-            break
-        resume_from = stage.index
+    for position, stage in enumerate(stages if not finished else []):
+        if verify_stage_dir(store.adapter_dir(stage.index, stage.name)) is None:
+            resume_from = position + 1
         if not outputs_verify(store.output_dir(stage.index, stage.name)):
             break
     for stage in stages[:resume_from]:
@@ -181,6 +227,9 @@ class RunRecord:
     rows: list[dict[str, dict]] = field(default_factory=list)  # per finished stage: task → scores
     reference: dict[str, dict] | None = None
     efficiency: list[dict] = field(default_factory=list)
+    # "stage": peak_memory_mb is the stage's own peak; "process": the count could not be reset
+    # (no /proc/self/clear_refs), so it is the process's peak so far.
+    peak_scope: str = "stage"
 
     def add_stage(self, stage: Stage, evaluation: StageEvaluation, stats: dict[str, Any], model: torch.nn.Module,
                   trains: bool, wall: float) -> None:
@@ -193,11 +242,18 @@ class RunRecord:
             "train_samples_per_second": _round(stats.get("train_samples_per_second")),
             "eval_examples": evaluation.answered, "eval_seconds": round(evaluation.seconds, 3),
             "eval_examples_per_second": _round(evaluation.answered / evaluation.seconds if evaluation.seconds > 0 else None),
-            "peak_memory_mb": round(peak_memory_mb(self.prep.device), 1),
+            "peak_memory_mb": round(peak_memory_mb(self.prep.device), 1), "peak_memory_scope": self.peak_scope,
             "world_size": launched_processes().world,
             "step_losses": stats.get("step_losses", []),
+            # Each part of those losses per step: "task" and the method's extra_losses terms.
+            "step_loss_terms": stats.get("step_loss_terms", {}),
             "trainable_parameters": stats.get("trainable_parameters", trainable),
         })
+
+    def _matrix(self, key: str, order: list[str]) -> tuple[list[list], list | None]:
+        """One score per (stage, task) and its zero-shot row, as the accuracy matrix lays them out."""
+        rows = [[row.get(name, {}).get(key) for name in order] for row in self.rows]
+        return rows, [self.reference.get(name, {}).get(key) for name in order] if self.reference else None
 
     def write(self, store: RunStore, stages: list[Stage], with_efficiency: bool = False) -> dict:
         if with_efficiency:
@@ -211,7 +267,9 @@ class RunRecord:
         invalid = [[row.get(name, {}).get("invalid_rate") for name in order] for row in self.rows]
         reference = [self.reference.get(name, {}).get("exact_match") for name in order] if self.reference else None
         unknown = {t.name: t.unknown_test_labels for t in prep.tasks}
-        summary = summarize(order, matrix, reference, invalid, unknown_labels=unknown, joint=prep.method_class.joint)
+        rouge = {name: self._matrix(name, order) for name in ROUGE_TYPES} if prep.config.with_rouge else None
+        summary = summarize(order, matrix, reference, invalid, unknown_labels=unknown, joint=prep.method_class.joint,
+                            rouge=rouge)
         summary = {"method": prep.config.method, "model": prep.config.model, "stages": [s.name for s in stages], **summary}
         atomic_write_json(store.results_path, summary)
         return summary
@@ -222,7 +280,7 @@ def _report_stage(stage: Stage, total: int, stats: dict[str, Any], tasks: list[T
         return
     scores = " ".join(f"{name}={r['exact_match']:.1f}" for name, r in evaluation.results.items())
     say(f"stage {stage.index}/{total} {stage.name}: trained {stats.get('train_examples', 0)} examples "
-        f"in {stats.get('train_seconds', 0.0):.0f} s, evaluated {len(tasks)} tasks in {evaluation.seconds:.0f} s | EM {scores}")
+        f"in {stats.get('train_seconds', 0.0):.0f} s, evaluated {_count(len(tasks), 'task')} in {evaluation.seconds:.0f} s | EM {scores}")
     log.info("stage %d %s done: %s", stage.index, stage.name, scores)
 
 

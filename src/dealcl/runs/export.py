@@ -5,7 +5,14 @@
   Σ_t s·B_t A_t with equal rank r and scale s = α/r; that sum is exactly one adapter of rank
   r·T with A stacked by rows, B by columns and α·T, so `PeftModel.from_pretrained` reproduces it.
 - "merged" methods (gorp, seqft): full model weights (safetensors) with the adapters merged in.
-- Others (deal's MLP, pertask's per-task adapters) cannot be taken out as one model: an error.
+- "module" methods (deal, deal-code): the MLP between LoRA's A and B has a ReLU, so the model is
+  neither one LoRA adapter nor mergeable (exactly) into linear weights. The folder holds the base
+  model's weights (transformers' `from_pretrained`), the method's tensors and a loader file that
+  needs only torch and safetensors (methods/_deal_loader.py, copied as deal_loader.py): the
+  model plus one small module file, exact.
+- Others (pertask's per-task adapters) cannot be taken out as one model: an error.
+Every export also holds `dealcl_export.json`: the task list, each task's prompt template and
+label set, and the answer rule, which is what a user needs to prompt the model.
 The kind comes from the method class's `export_as` / `export_refusal`; a method that declares
 neither (a user plugin) is classified from its model: only standard LoRA layers on the stock
 architecture, all adapters active → "merged" (right whether or not the base weights were trained);
@@ -24,9 +31,16 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .. import __version__
 from ..errors import UserError
+from ..eval.generate import MAX_NEW_TOKENS
 from ..methods.base import ContinualMethod
-from .predict import load_final_model
+from ..prompts import format_prompt
+from .predict import FinalModel, load_final_model
+from .store import atomic_write_json, follow_umask
+
+PROMPTS_FILE = "dealcl_export.json"
+SENTENCE = "{sentence}"  # where the input goes in a prompt template (replace it, do not str.format)
 
 
 def _summed_adapter(model, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -100,10 +114,43 @@ def export_kind(method, model: torch.nn.Module) -> tuple[str | None, str]:
     return "merged", ""
 
 
-def export_run(run_dir: Path, destination: Path) -> str:
+def export_record(final: FinalModel, kind: str, run_dir: Path) -> dict:
+    """What a user needs to prompt the exported model as the run did (dealcl_export.json)."""
+    prep, config = final.prep, final.prep.config
+    return {
+        "dealcl": __version__, "run": str(run_dir), "method": config.method, "kind": kind,
+        "stage": {"index": final.stage.index, "name": final.stage.name},
+        # What the run loaded (a hub id, folder or .gguf file), and the folder transformers read
+        # it from (for a .gguf, dealcl's safetensors cache of it): the base an adapter goes on.
+        "base_model": prep.loaded.source,
+        "base_model_path": getattr(getattr(final.model, "config", None), "_name_or_path", None) or prep.loaded.source,
+        "arch": prep.loaded.arch,
+        "tasks": [t.name for t in prep.tasks],
+        "prompt": {
+            "style": config.prompt_style,
+            "how": f"replace {SENTENCE} in the task's template by the input; with style 'chat' wrap the result as one "
+                   "user turn of the tokenizer's chat template (add_generation_prompt=True). Over-long inputs: dealcl "
+                   f"shortens only the sentence, to fit {config.max_source_length} tokens",
+            "max_source_length": config.max_source_length,
+        },
+        "answer": {
+            "mode": config.eval_mode,
+            "rule": f"greedy decoding of up to {MAX_NEW_TOKENS} new tokens; the answer is correct when it equals a "
+                    "label after lower-casing, removing ASCII punctuation and collapsing whitespace"
+                    if config.eval_mode == "generate" else "the label with the highest likelihood",
+            "max_new_tokens": MAX_NEW_TOKENS,
+        },
+        "per_task": {
+            t.name: {"task_type": t.task_type, "labels": list(t.labels), "prompt_template": format_prompt(t, SENTENCE)}
+            for t in prep.tasks
+        },
+    }
+
+
+def export_run(run_dir: Path, destination: Path, stage: int | None = None) -> str:
     if destination.exists() and any(destination.iterdir()):
         raise UserError(f"{destination} exists and is not empty; choose another --to")
-    final = load_final_model(Path(run_dir))
+    final = load_final_model(Path(run_dir), stage)
     method, model = final.method, final.model
     kind, reason = export_kind(method, model)
     if kind is None:
@@ -111,15 +158,25 @@ def export_run(run_dir: Path, destination: Path) -> str:
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
+        follow_umask(tmp, directory=True)
+        record = export_record(final, kind, Path(run_dir))
         if kind == "adapter":
             names = list(model.base_model.active_adapters)
             tensors, config = _summed_adapter(model, names)
             save_file(tensors, str(tmp / "adapter_model.safetensors"))
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+        elif kind == "module":
+            method.export_module(model, tmp)
+            loader = Path(type(method).export_loader)
+            shutil.copyfile(loader, tmp / loader.name.lstrip("_"))
+            # The base weights without the adapter layers (the method keeps them frozen).
+            base = model.unload() if hasattr(model, "unload") else model
+            base.save_pretrained(tmp, safe_serialization=True)
         else:
             merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             merged.save_pretrained(tmp, safe_serialization=True)
         final.prep.loaded.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / PROMPTS_FILE, record)
         if destination.exists():
             destination.rmdir()
         os.replace(tmp, destination)

@@ -10,6 +10,8 @@
     results.json                    metrics only: identical for identical runs
     efficiency.json                 wall time, throughput, memory, step losses per stage
     report.md, *.png                `dealcl report`
+    tracking/                       experiment trackers (report_to, tracking.py): tensorboard/ event files,
+                                    wandb/, mlflow.db, state.json (steps per stage, tracker run ids)
 A comparison folder holds comparison.json/.md and one run per method and order; a sweep folder
 sweep.json/.md and one run per rate. Stage folders are written atomically with a manifest
 (store.py); a stage is finished when its manifest verifies.
@@ -37,6 +39,8 @@ COMPARISON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 SWEEP = "sweep.json"
 SWEEP_MD = "sweep.md"
+TRACKING = "tracking"  # what the experiment trackers write (runs/tracking.py)
+TRACKING_STATE = "state.json"  # inside TRACKING: optimizer steps per stage, tracker run ids
 
 REFERENCE = "reference"  # the name of stage 0
 PREDICT_RESULTS = "predict_results.json"  # upstream's keys (predict_exact_match_for_<task>, ...)
@@ -68,6 +72,10 @@ class RunStore:
     @property
     def efficiency_path(self) -> Path:
         return self.root / EFFICIENCY
+
+    @property
+    def tracking_dir(self) -> Path:
+        return self.root / TRACKING
 
     def stage_name(self, index: int, name: str) -> str:
         return f"{index}-{name}"
@@ -200,6 +208,9 @@ def read_stage_outputs(directory: Path) -> tuple[dict[str, dict], dict[str, str 
             "invalid_rate": scores.get(f"predict_invalid_rate_for_{name}"),
             "predictions": answer["predictions"],
         }
+        for rouge in ("rouge1", "rougeL"):  # with_rouge runs only
+            if f"predict_{rouge}_for_{name}" in scores:
+                results[name][rouge] = scores[f"predict_{rouge}_for_{name}"]
     return results, fingerprints
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a run's peak-memory count afresh: `dealcl compare` runs many in one process, and
-    each run's efficiency.json should show its own peak, not the largest so far."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start the peak-memory count afresh (per run: `dealcl compare` runs many in one process;
+    per stage: each stage's efficiency.json entry shows its own peak). False where it cannot
+    be reset (no writable /proc/self/clear_refs): the count then runs on over the process."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     # The reset starts from the current RSS, which still holds what earlier runs freed (glibc
     # keeps freed heap): collect it and hand it back first, where the C library allows.
     import ctypes
@@ -23,8 +24,11 @@ def reset_peak_memory(device: torch.device) -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+    try:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
         Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -19,7 +19,8 @@ from ..train.services import TrainingServices
 from .driver import resume_config
 from .layout import RunStore
 from .session import Prepared, Session, build_session
-from .store import atomic_write_text, verify_stage_dir
+from .integrity import check_data_files, model_stage
+from .store import atomic_write_text
 
 
 @dataclass
@@ -48,27 +49,27 @@ class FinalModel:
         return self.session.services
 
 
-def load_final_model(run_dir: Path) -> FinalModel:
-    """The run's model after its last finished stage, exactly as the driver left it."""
+def load_final_model(run_dir: Path, stage: int | None = None) -> FinalModel:
+    """The run's model after its last stage, exactly as the driver left it; after stage `stage`
+    only when asked (`--stage K`). Its saved state must verify against its manifest, and the
+    label files (they make the prompt) must be the ones the run was made with (integrity.py)."""
     run_dir = Path(run_dir)
-    session = build_session(resume_config(run_dir))
     store = RunStore(run_dir)
+    session = build_session(resume_config(run_dir))
     method, model = session.method, session.model
     stages = session.stages()
-    finished = [s for s in stages if verify_stage_dir(store.adapter_dir(s.index, s.name)) is None]
-    if not finished:
-        raise UserError(f"{run_dir} has no finished stage yet: run `dealcl resume {run_dir}` first")
-    last = finished[-1]
-    if last is not stages[-1]:
-        print(f"note: {run_dir} is not finished; using the model after stage {last.index} ({last.name})", file=sys.stderr)
-    method.load_state(model, store.adapter_dir(last.index, last.name), last)
+    index = model_stage(run_dir, stages, stage)
+    check_data_files(run_dir, store.read_run_yaml(), session.tasks, roles=("labels",))
+    chosen = next(s for s in stages if s.index == index)
+    method.load_state(model, store.adapter_dir(chosen.index, chosen.name), chosen)
     model.eval()
-    return FinalModel(session, last)
+    return FinalModel(session, chosen)
 
 
-def predict_file(run_dir: Path, input_path: Path, *, task_name: str | None = None, output: Path | None = None) -> None:
+def predict_file(run_dir: Path, input_path: Path, *, task_name: str | None = None, output: Path | None = None,
+                 stage: int | None = None) -> None:
     sentences, labels = read_inputs(input_path)
-    final = load_final_model(run_dir)
+    final = load_final_model(run_dir, stage)
     tasks = {t.name: t for t in final.prep.tasks}
     name = task_name or final.prep.tasks[-1].name
     if name not in tasks:

@@ -46,6 +46,14 @@ class RunSummary:
     packages: dict[str, str] | None = None
     # efficiency.json: (stage task, its training step losses) per stage, None without the file.
     step_losses: list[tuple[str, list[float]]] | None = None
+    # The folder of the stage outputs (per-example answers, for the paired comparison) and the
+    # run's seed (run.yaml), None where unknown.
+    outputs: Path | None = None
+    seed: int | None = None
+    # ROUGE-1 (x100) laid out as `matrix`, and its zero-shot row: runs scored with_rouge (dealcl's
+    # results.json `rouge1_matrix`, upstream's predict_rouge1_for_<task>); None otherwise.
+    rouge1: list[list[float | None]] | None = None
+    rouge1_reference: list[float | None] | None = None
 
     @property
     def average_accuracy(self) -> float | None:
@@ -56,8 +64,18 @@ class RunSummary:
         return None if self.joint else metrics.backward_transfer(self.matrix)
 
     @property
+    def forgetting(self) -> float | None:
+        """FT (new_methods_spec.md §5), from the matrix: runs whose results.json predates it load too."""
+        return None if self.joint else metrics.mean_forgetting(self.matrix)
+
+    @property
     def forward_transfer(self) -> float | None:
         return None if self.joint else metrics.forward_transfer(self.matrix, self.reference)
+
+    @property
+    def average_rouge1(self) -> float | None:
+        """Macro mean ROUGE-1 of the last row, as AA is of exact match."""
+        return metrics.average_accuracy(self.rouge1) if self.rouge1 is not None else None
 
     @property
     def missing(self) -> list[list]:
@@ -97,6 +115,12 @@ def _method_and_model(run_dir: Path, results: dict) -> tuple[str | None, str | N
     return (str(method) if method is not None else None, str(model) if model is not None else None)
 
 
+def _seed(run_dir: Path) -> int | None:
+    config = _run_yaml(run_dir).get("config")
+    seed = config.get("seed") if isinstance(config, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def _packages(run_dir: Path) -> dict[str, str] | None:
     """run.yaml's `provenance.packages`: the versions the run was made with."""
     provenance = _run_yaml(run_dir).get("provenance")
@@ -126,6 +150,9 @@ def _step_losses(run_dir: Path) -> list[tuple[str, list[float]]] | None:
 
 
 def _load_dealcl(run_dir: Path) -> RunSummary:
+    from .integrity import check_outputs
+
+    check_outputs(run_dir)  # results.json comes from these: a damaged stage is an error, not a score
     results_path = run_dir / RESULTS
     results = _read_json(results_path)
     try:
@@ -134,10 +161,13 @@ def _load_dealcl(run_dir: Path) -> RunSummary:
     except (TypeError, KeyError):
         raise UserError(f"{results_path} is not a dealcl results.json (no task_order/accuracy_matrix)") from None
     method, model = _method_and_model(run_dir, results)
+    rouge1 = results.get("rouge1_matrix")  # absent in runs without with_rouge and in older runs
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=results.get("reference"),
         method=method, model=model, source="dealcl", joint=bool(results.get("joint", False)),
-        packages=_packages(run_dir), step_losses=_step_losses(run_dir),
+        packages=_packages(run_dir), step_losses=_step_losses(run_dir), outputs=run_dir / "outputs", seed=_seed(run_dir),
+        rouge1=[list(row) for row in rouge1] if isinstance(rouge1, list) else None,
+        rouge1_reference=results.get("reference_rouge1") if isinstance(rouge1, list) else None,
     )
 
 
@@ -152,10 +182,10 @@ def _stage_scores(stage_dir: Path) -> dict:
     return {}
 
 
-def _task_scores(scores: dict, task_order: list[str]) -> list[float | None]:
+def _task_scores(scores: dict, task_order: list[str], metric: str = "exact_match") -> list[float | None]:
     row = []
     for task in task_order:
-        value = scores.get(f"predict_exact_match_for_{task}")
+        value = scores.get(f"predict_{metric}_for_{task}")
         row.append(float(value) if isinstance(value, (int, float)) else None)
     return row
 
@@ -174,12 +204,17 @@ def _load_outputs(outputs: Path, run_dir: Path) -> RunSummary | None:
     if not order:
         return None
     task_order = [_STAGE_DIR.match(stages[k].name).group(2) for k in order]
-    matrix = [_task_scores(_stage_scores(stages[k]), task_order) for k in order]
-    reference = _task_scores(_stage_scores(stages[0]), task_order) if 0 in stages else None
+    scores = {k: _stage_scores(stages[k]) for k in stages}
+    matrix = [_task_scores(scores[k], task_order) for k in order]
+    reference = _task_scores(scores[0], task_order) if 0 in stages else None
+    rouge1 = [_task_scores(scores[k], task_order, "rouge1") for k in order]
+    has_rouge = any(v is not None for row in rouge1 for v in row)
     method, model = _method_and_model(run_dir, {})
     return RunSummary(
         name=run_dir.name, task_order=task_order, matrix=matrix, reference=reference,
-        method=method, model=model, source="upstream", packages=_packages(run_dir),
+        method=method, model=model, source="upstream", packages=_packages(run_dir), outputs=outputs, seed=_seed(run_dir),
+        rouge1=rouge1 if has_rouge else None,
+        rouge1_reference=_task_scores(scores[0], task_order, "rouge1") if has_rouge and 0 in stages else None,
     )
 
 
@@ -223,12 +258,16 @@ def _stage_label(run: RunSummary, stage: int) -> str:
     return f"after {stage}-{task}"
 
 
-def _matrix_lines(run: RunSummary) -> list[str]:
-    """The accuracy matrix, split into column blocks that fit the terminal width."""
-    labels = [_stage_label(run, k) for k in range(1, len(run.matrix) + 1)]
-    if run.reference is not None:
+def _matrix_lines(run: RunSummary, matrix: list[list[float | None]] | None = None,
+                  reference: list[float | None] | None = None) -> list[str]:
+    """The accuracy matrix (or `matrix`, laid out as it is), split into column blocks that fit
+    the terminal width."""
+    if matrix is None:
+        matrix, reference = run.matrix, run.reference
+    labels = [_stage_label(run, k) for k in range(1, len(matrix) + 1)]
+    if reference is not None:
         labels = ["zero-shot", *labels]
-    rows = ([run.reference] if run.reference is not None else []) + run.matrix
+    rows = ([reference] if reference is not None else []) + matrix
     label_width = max((len(s) for s in labels), default=0)
     blocks, block, used = [], [], label_width
     for j in range(len(run.task_order)):
@@ -269,9 +308,16 @@ def _run_lines(run: RunSummary) -> list[str]:
     if not run.joint:
         bwt_terms = metrics.backward_transfer_terms(run.matrix)
         lines.append(f"BWT {_number(run.backward_transfer)}  ({_over(len(bwt_terms), max(n_tasks - 1, 0))})")
+        ft_terms = [v for v in metrics.forgetting(run.matrix) if v is not None]
+        lines.append(f"FT  {_number(run.forgetting)}  (forgetting, {_over(len(ft_terms), max(n_tasks - 1, 0))})")
         if run.reference is not None:
             fwt_terms = metrics.forward_transfer_terms(run.matrix, run.reference)
             lines.append(f"FWT {_number(run.forward_transfer)}  ({_over(len(fwt_terms), max(n_tasks - 1, 0))})")
+    if run.rouge1 is not None:
+        lines += ["", "ROUGE-1 (rouge-score F-measure x100, stemmed)"]
+        lines += _matrix_lines(run, run.rouge1, run.rouge1_reference)
+        present = sum(v is not None for v in (run.rouge1[-1] if run.rouge1 else []))
+        lines.append(f"R-1 {_number(run.average_rouge1)}  (macro mean {_over(present, n_tasks)})")
     return lines
 
 
@@ -307,17 +353,54 @@ def version_mismatch(runs: list[RunSummary]) -> str | None:
             + " (run.yaml provenance.packages); differences between them may come from that")
 
 
+def task_set_mismatch(runs: list[RunSummary]) -> str | None:
+    """One `warning:` line when runs shown side by side (the AA/BWT table and chart) were not
+    scored on the same tasks: their AA and BWT average over different things."""
+    by_tasks: dict[tuple[str, ...], list[str]] = {}
+    for run in runs:
+        by_tasks.setdefault(tuple(sorted(run.task_order)), []).append(run.name)
+    if len(by_tasks) < 2:
+        return None
+    groups = "; ".join(f"{_names(names)}: {', '.join(tasks)}" for tasks, names in by_tasks.items())
+    return f"warning: the runs compared were evaluated on different task sets ({groups}); their AA and BWT are not comparable"
+
+
 def _report_text(runs: list[RunSummary]) -> str:
     sections = ["\n".join(_run_lines(run)) for run in runs]
     if len(runs) > 1:
-        header = ["run", "method", "model", "AA", "BWT", "FWT"]
+        header = ["run", "method", "model", "AA", "BWT", "FT", "FWT"]
         rows = [
-            [_shorten(r.name, 28), _shorten(r.method, 12), _shorten(r.model, 30),
-             _number(r.average_accuracy), _number(r.backward_transfer), _number(r.forward_transfer)]
+            [_shorten(r.name, 28), _shorten(r.method, 12), _shorten(r.model, 24),
+             _number(r.average_accuracy), _number(r.backward_transfer), _number(r.forgetting),
+             _number(r.forward_transfer)]
             for r in runs
         ]
+        if any(r.rouge1 is not None for r in runs):  # the column DEAL's tables put next to EM
+            header.append("R-1")
+            rows = [row + [_number(r.average_rouge1)] for row, r in zip(rows, runs)]
         sections.append("\n".join(["== summary ==", *_table(header, rows, right_align_from=3)]))
+        sections.append("\n".join(_paired_lines(runs)))
     return "\n\n".join(sections) + "\n"
+
+
+def _paired_lines(runs: list[RunSummary]) -> list[str]:
+    """The paired differences of the runs (runs/pairwise.py). Each method is an arm; when two
+    runs share a method, order and seed (say, two learning rates), every run is its own arm."""
+    import textwrap
+
+    from . import pairwise
+
+    settings = [(r.method, tuple(r.task_order), r.seed) for r in runs]
+    by_run = any(r.method is None for r in runs) or len(set(settings)) < len(settings)
+    names = [r.name if [q.name for q in runs].count(r.name) == 1 else f"{r.name}#{k + 1}" for k, r in enumerate(runs)]
+    table = pairwise.pairwise([pairwise.paired_run(r, arm=name if by_run else r.method) for r, name in zip(runs, names)])
+
+    def aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+        return _table(header, [[_shorten(row[0], 30), *row[1:]] for row in rows], right_align_from=1)
+
+    lines = pairwise.text_lines(table, aligned)
+    return [part for line in lines
+            for part in ([line] if len(line) <= _WIDTH else textwrap.wrap(line, _WIDTH, subsequent_indent="  "))]
 
 
 def format_report(runs: list[RunSummary], *, warn: bool = True) -> str:
@@ -326,9 +409,9 @@ def format_report(runs: list[RunSummary], *, warn: bool = True) -> str:
     With several runs from different torch/transformers/peft versions, `warn` prints one
     `warning:` line on stderr (`version_mismatch`)."""
     if warn and len(runs) > 1:
-        warning = version_mismatch(runs)
-        if warning:
-            print(warning, file=sys.stderr)
+        for warning in (version_mismatch(runs), task_set_mismatch(runs)):
+            if warning:
+                print(warning, file=sys.stderr)
     return _report_text(runs)
 
 
@@ -344,9 +427,9 @@ def write_report(runs: list[RunSummary], directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = ["# dealcl report", "", "```", _report_text(runs).rstrip(), "```", ""]
-    warning = version_mismatch(runs) if len(runs) > 1 else None
-    if warning:
-        lines += [f"**{warning}**", ""]
+    for warning in (version_mismatch(runs), task_set_mismatch(runs)) if len(runs) > 1 else ():
+        if warning:
+            lines += [f"**{warning}**", ""]
     if len(runs) > 1:
         names = [_slug(r.name) for r in runs]
         plots.metric_bars(names, [r.average_accuracy for r in runs], [r.backward_transfer for r in runs],

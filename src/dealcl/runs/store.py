@@ -36,6 +36,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, without changing it (Linux reports it in /proc; elsewhere it is
+    read by setting it and putting it back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path | int, directory: bool = False) -> None:
+    """Give a file (path or open descriptor) or folder made by `tempfile` the mode a plain
+    `open`/`mkdir` would have: mkstemp makes files 0600 and mkdtemp folders 0700, which would
+    leave every result owner-only after the rename."""
+    mode = (0o777 if directory else 0o666) & ~_umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def _disk_error(path: Path, exc: OSError) -> UserError:
     if exc.errno == errno.ENOSPC:
         return UserError(f"no space left on device while writing {path}; finished stages are kept: free space, then `dealcl resume`")
@@ -47,6 +72,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        follow_umask(fd)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data[: len(data) // 2])
             fault_point("results-write")  # a kill here leaves a half-written temporary file
@@ -89,6 +115,7 @@ def write_stage_dir(final: Path, fill: Callable[[Path], None]) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        follow_umask(tmp, directory=True)
         fill(tmp)
         fault_point("checkpoint-write")  # a kill here leaves a stage folder without manifest
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -118,26 +145,35 @@ def write_stage_dir(final: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
-def verify_stage_dir(directory: Path, optional: tuple[str, ...] = ()) -> str | None:
-    """None if the folder is a finished stage whose files all match its manifest, else why not.
+def stage_dir_damage(directory: Path, optional: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """None if the folder is a finished stage whose files all match its manifest, else
+    (the file at fault, relative to the folder, or "" for the folder itself; what is wrong).
 
     Files named in `optional` may be absent (a finished run whose bulky copies were pruned),
     but where present they must still match.
     """
     directory = Path(directory)
-    manifest_path = directory / MANIFEST
     if not directory.is_dir():
-        return "missing"
+        return "", "is missing"
     try:
-        manifest = json.loads(manifest_path.read_text())["files"]
+        manifest = json.loads((directory / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "no readable manifest"
+        return MANIFEST, "is missing or unreadable"
     for name, expected in manifest.items():
         path = directory / name
         if not path.is_file():
             if name in optional:
                 continue
-            return f"{name} is missing"
+            return name, "is missing"
         if sha256_file(path) != expected:
-            return f"{name} does not match its manifest"
+            return name, "does not match its manifest"
     return None
+
+
+def verify_stage_dir(directory: Path, optional: tuple[str, ...] = ()) -> str | None:
+    """None if the folder is a finished stage whose files all match its manifest, else why not."""
+    damage = stage_dir_damage(directory, optional)
+    if damage is None:
+        return None
+    name, why = damage
+    return f"{name} {why}" if name else why

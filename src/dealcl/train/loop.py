@@ -283,6 +283,7 @@ def _train_stage(model, method, stage, items, settings, services, progress, atte
     last_logged: dict[str, float] = {}
     computed_tokens = answer_tokens = 0  # for FLOP accounting (bench/speed.py)
     step_losses: list[float] = []
+    step_loss_terms: dict[str, list[float]] = {}  # term -> its value per step (0 before a term first appears)
     ranks = services.processes
     for _epoch in range(settings.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
@@ -328,6 +329,11 @@ def _train_stage(model, method, stage, items, settings, services, progress, atte
                     f"try lr={settings.lr / 10:g}) or use precision=fp32, then `dealcl resume`"
                 )
             step_losses.append(step_loss)
+            for name, value in terms_this_step.items():
+                step_loss_terms.setdefault(name, [0.0] * (step - 1)).append(value)
+            for name, values in step_loss_terms.items():
+                if len(values) < step:  # a term this step did not add
+                    values.append(0.0)
             ranks.sum_gradients(params)
             method.after_backward(model)
             if settings.max_grad_norm and settings.max_grad_norm > 0:
@@ -341,6 +347,7 @@ def _train_stage(model, method, stage, items, settings, services, progress, atte
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             services.on_trained(len(step_indices))
+            services.on_step(step, terms_this_step, optimizer.param_groups[0]["lr"])
             if step % settings.log_every == 0 or step == total_steps:
                 last_logged = {k: v / step for k, v in running.items()}
                 log.info(
@@ -359,5 +366,6 @@ def _train_stage(model, method, stage, items, settings, services, progress, atte
         "trainable_parameters": sum(p.numel() for p in params),
         "computed_tokens": computed_tokens,
         "step_losses": step_losses,
+        "step_loss_terms": step_loss_terms,
         "answer_tokens": answer_tokens,
     }

@@ -8,12 +8,12 @@ group (`processes`: shards, gradient sums, gathers; one process outside torchrun
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..models import unwrap  # noqa: F401 (methods read the transformers model under PEFT's wrapper)
+from ..models import shares_prompt_prefix, unwrap  # noqa: F401 (methods read the transformers model under PEFT's wrapper)
 from ..prompts import EncodedExample, PromptEncoder
 from .batching import collate_train
 from .distributed import Processes, single_process
@@ -42,6 +42,14 @@ class TrainingServices:
         self.share_prefix = share_prefix and arch == "causal" and not self.processes.sharded
         self._mask_logits: bool | None = None  # whether the model takes a mask as logits_to_keep (probed once)
         self.on_trained = lambda examples: None  # called after every optimizer step (the run's progress)
+        # Called after every optimizer step with the stage's step number, the step's loss terms
+        # ("task" and each of the method's extra_losses, as added to the loss) and the learning
+        # rate: the run's experiment trackers (runs/tracking.py).
+        self.on_step = lambda step, loss_terms, lr: None
+        # Called with every batch just before `answer_logits` runs the model on it: a method
+        # whose forward needs to know where each row's prompt ends (GainLoRA's gate pools the
+        # prompt tokens only, never the answer) registers a callable here.
+        self.batch_observers: list[Callable[[dict], None]] = []
 
     def generator(self, offset: int) -> torch.Generator:
         """A CPU generator seeded by the run's seed and `offset` (distinct per use and task)."""
@@ -67,10 +75,12 @@ class TrainingServices:
         and its keys and values are repeated for the rows: the rows' gradients flow back
         through the repeat into that one computation, so the step's loss and gradient are those
         of the unshared batch (LoRA dropout draws one mask for the shared positions)."""
+        for observe in self.batch_observers:
+            observe(batch)
         rows, positions = batch["target_rows"], batch["target_positions"]
         if self.arch == "causal":
             ids, forward = batch["input_ids"], {}
-            shared = batch.get("prefix_len", 0) if self.share_prefix else 0
+            shared = batch.get("prefix_len", 0) if self.share_prefix and shares_prompt_prefix(model) else 0
             cache = prefix_cache(model, ids[:1, :shared], ids.shape[0]) if shared else None
             if cache is not None:
                 forward = dict([cache])
