@@ -60,8 +60,13 @@ BUILTIN_METHODS: tuple[MethodInfo, ...] = (
                "Li & Hoiem, Learning without Forgetting, ECCV 2016 / TPAMI 2017"),
     MethodInfo("mtl", "one LoRA trained jointly on every task of the sequence (multi-task upper bound; AA only)",
                f"multi-task learning upper bound (as in O-LoRA, {_OLORA})"),
+    MethodInfo("nlora", "a new LoRA per task, earlier ones frozen and summed, ℓ1 penalty on the new adapter (‖BA‖₁)",
+               "Yang et al., Is Parameter Collision Hindering Continual Learning in LLMs?, COLING 2025"),
     MethodInfo("olora", "a new LoRA per task, kept orthogonal to the frozen earlier ones (overlap penalty on A)",
                f"Wang et al., Orthogonal Subspace Learning for Language Model Continual Learning, EMNLP 2023 Findings"),
+    MethodInfo("osf", "orthogonal subspace fine-tuning (PEFT's osf): top singular directions frozen, the rest trained, "
+                      "merged per task",
+               "Nayak et al., Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for Continual Learning, 2025"),
     MethodInfo("pertask", "an independent LoRA per task, each task evaluated with its own adapter (upper bound)",
                f"baseline (PerTaskFT in O-LoRA, {_OLORA}), LoRA variant"),
     MethodInfo("replay", "one LoRA; later tasks also train on a seeded sample (2 %, at least 8) of every earlier task",
