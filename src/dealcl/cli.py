@@ -8,7 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import RunInterrupted, UserError
+from .runs.paths import check_file, check_folder, write_error
 
 EPILOG = "Docs: README.md and docs/ in the dealcl repository."
 
@@ -153,9 +154,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .train.distributed import launched_processes
 
     config = build_config(Path(args.config) if args.config else None, _flags(args), args.overrides)
+    output = Path(args.output) if args.output else Path("runs") / f"{config.benchmark or 'custom'}-{config.method.replace('/', '_')}"
+    check_folder(output, "--output", kind="run")
     if args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.argv, args.num_processes)
-    output = Path(args.output) if args.output else Path("runs") / f"{config.benchmark or 'custom'}-{config.method.replace('/', '_')}"
     run_continual(config, output, progress=not args.quiet)
     ranks = launched_processes()
     if ranks.is_main:
@@ -184,7 +186,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = validate(base)
     if args.orders is None:
         orders = [base.order]
-    output = Path(args.output) if args.output else Path("runs") / f"compare-{base.benchmark or 'custom'}"
+    output = check_folder(Path(args.output) if args.output else Path("runs") / f"compare-{base.benchmark or 'custom'}",
+                          "--output")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:  # every name must resolve before any run starts
         resolve_method(method)
@@ -208,7 +211,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     rates = parse_rates(args.lrs)
     config = build_config(Path(args.config) if args.config else None, _flags(args), args.overrides)
-    output = Path(args.output) if args.output else Path("runs") / f"sweep-{config.method.replace('/', '_')}"
+    output = check_folder(Path(args.output) if args.output else Path("runs") / f"sweep-{config.method.replace('/', '_')}",
+                          "--output")
     summary = sweep(config, rates, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr))
     from .runs.layout import SWEEP_MD
 
@@ -225,6 +229,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     config = resume_config(run_dir)
+    check_folder(run_dir, "run directory", kind="run")
     if args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.argv, args.num_processes)
     run_continual(config, run_dir, progress=not args.quiet)
@@ -239,9 +244,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .runs.report import format_report, load_run, write_report
 
     runs = [load_run(Path(p)) for p in args.run_dirs]
-    print(format_report(runs))
     # One dealcl run: report.md goes into it. Several runs or upstream folders: only with --output.
     target = args.output or (args.run_dirs[0] if len(runs) == 1 and runs[0].source == "dealcl" else None)
+    if target:
+        check_folder(Path(target), "--output" if args.output else "run directory", kind="report")
+    print(format_report(runs))
     if target:
         print(f"report: {write_report(runs, Path(target))}", file=sys.stderr)
     return 0
@@ -250,6 +257,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .runs.predict import predict_file
 
+    if args.output:
+        check_file(Path(args.output), "--output")
     predict_file(Path(args.run_dir), Path(args.input), task_name=args.task, output=Path(args.output) if args.output else None)
     return 0
 
@@ -289,6 +298,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .runs.demo import run_demo
     from .runs.report import format_report, load_run, write_report
 
+    check_folder(Path(args.output), "--output")
     started = time.perf_counter()
     runs = run_demo(Path(args.output), progress=not args.quiet)
     summaries = [load_run(run) for run in runs]
@@ -331,6 +341,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .runs.export import export_run
 
+    check_folder(Path(args.to), "--to", kind="export")
     kind = export_run(Path(args.run_dir), Path(args.to))
     what = "a PEFT adapter (load with peft.PeftModel.from_pretrained on the base model)" if kind == "adapter" \
         else "merged model weights (load with transformers' from_pretrained)"
@@ -341,6 +352,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.download import download_cl_benchmark
 
+    check_folder(Path(args.dest), "destination", kind="export")
     download_cl_benchmark(Path(args.dest))
     print(f"CL_Benchmark downloaded to {args.dest}")
     return 0
@@ -366,11 +378,26 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank raises it; one prints it
             print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; finished stages are kept, continue with `dealcl resume RUN_DIR`", file=sys.stderr)
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user gave: a bug, with its traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {write_error(Path(exc.filename), exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: exit code 128 + SIGINT, as shells report it (docs/RELIABILITY.md).
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {interrupted_line(exc)}", file=sys.stderr)
         return 130
     finally:
         _leave_process_group()
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    if isinstance(exc, RunInterrupted):
+        return (f"interrupted during {exc.phase}; finished stages are kept in {exc.run_dir}: "
+                f"continue with `dealcl resume {exc.run_dir}`")
+    return "interrupted (no run was in progress; files are written whole or not at all)"
 
 
 def _leave_process_group() -> None:

@@ -18,6 +18,7 @@ from .config import RunConfig, validate, with_recipe
 from .driver import run_continual
 from .layout import AA_BWT_PLOT, COMPARISON, COMPARISON_MD, EFFICIENCY, PREDICTIONS, RESULTS, SWEEP
 from .report import RunSummary, load_run
+from .paths import make_folder
 from .store import atomic_write_json, atomic_write_text
 
 
@@ -180,7 +181,7 @@ def compare(base: RunConfig, methods: list[str], orders: list[int | None], outpu
     from . import plots
 
     configs = plan(base, methods, orders, rates, user_keys)
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     rows = []
     for config in configs:
         run_dir = output / run_name(config)

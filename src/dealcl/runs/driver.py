@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data.types import Task
-from ..errors import UserError
+from ..errors import RunInterrupted, UserError
 from ..eval.evaluator import BASE_MODEL, OLD_ANSWER_RULE, Evaluator, StageEvaluation, answer_rule
 from ..eval.metrics import summarize
 from ..methods import Stage
@@ -30,6 +30,7 @@ from .layout import (
     REFERENCE, RunStore, outputs_verify, read_stage_outputs, sibling_reference_answers, write_stage_outputs,
 )
 from .memory import peak_memory_mb, reset_peak_memory
+from .paths import check_free_space, expected_run_bytes, writing
 from .progress import RunProgress, Workload
 from .provenance import run_yaml
 from .session import Prepared, Session, build_session
@@ -53,22 +54,28 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
     reset_peak_memory(session.prep.device)
     ranks = session.services.processes
     progress = progress and ranks.is_main
+    stages = session.stages()
+    if ranks.is_main:  # before the run directory is touched
+        warning = check_free_space(Path(output), _expected_bytes(session, RunStore(Path(output)), stages))
+        if warning:
+            say(warning)
     # Only rank 0 writes the run directory; the others wait for it and then read it.
     store = ranks.on_main(lambda: open_run_dir(Path(output), session.prep))
     store = store or RunStore(Path(output))
     handler = _setup_log(store) if ranks.is_main else None
     evaluator = session.evaluator(progress)
     record = RunRecord(session.prep, efficiency=list(store.read_json(store.efficiency_path, {}).get("stages", [])))
-    stages = session.stages()
     if len({s.name for s in stages}) != len(stages):
         raise UserError("a method produced two stages with the same name")
     overall = RunProgress(_workload(session, store, stages), progress, *(costs or ()))
     session.services.on_trained, evaluator.on_answered = overall.trained, overall.answered
     log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,
              [t.name for t in session.tasks], session.prep.precision)
+    phase = "stage 0 (the zero-shot reference)"
     try:
         if config.reference_stage:
             record.reference = reference_stage(session, store, evaluator)
+        phase = "loading the last finished stage"
         model = session.prepare_model()
         resumed = resume(session, store, stages, evaluator, record)
         summary = ranks.on_main(lambda: record.write(store, stages)) if record.rows else {}
@@ -78,9 +85,11 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
             started = time.perf_counter()
             stats: dict[str, Any] = {}
             if stage.index > resumed:
+                phase = f"training of stage {stage.index} ({stage.name})"
                 stats = session.train(stage, progress)
                 ranks.on_main(lambda: write_stage_dir(store.adapter_dir(stage.index, stage.name),
                                                       lambda d: session.method.save_state(model, d)))
+            phase = f"evaluation of stage {stage.index} ({stage.name})"
             tasks = evaluated_tasks(session, stages, stage)
             evaluation = evaluator.evaluate(model, tasks, lambda task: session.method.eval_fingerprint(task, stage),
                                             session.method.eval_model)
@@ -90,6 +99,11 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
             summary = ranks.on_main(lambda: record.write(store, stages, with_efficiency=True))
             _report_stage(stage, len(stages), stats, tasks, evaluation)
         return summary
+    except KeyboardInterrupt:
+        # Ctrl-C: every writer has removed its temporary (they clean up on any exception), so
+        # what is on disk is the finished stages; the CLI prints how to continue.
+        log.info("interrupted during %s", phase)
+        raise RunInterrupted(store.root, phase) from None
     finally:
         overall.close()
         if handler is not None:
@@ -258,14 +272,29 @@ def open_run_dir(output: Path, prep: Prepared) -> RunStore:
         return store
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"output directory {output} exists and is not a dealcl run; choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
+    with writing(output):
+        output.mkdir(parents=True, exist_ok=True)
     store.write_run_yaml(run_yaml(prep))
     return store
 
 
+def _expected_bytes(session: Session, store: RunStore, stages: list[Stage]) -> int:
+    """What the unfinished part of the run will write (runs/paths.py: expected_run_bytes)."""
+    model = session.prep.loaded.model
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    todo = [s for s in stages if not outputs_verify(store.output_dir(s.index, s.name))]
+    evaluations = [t for s in todo for t in evaluated_tasks(session, stages, s)]
+    if session.config.reference_stage and not outputs_verify(store.output_dir(0, REFERENCE)):
+        evaluations += session.tasks
+    answers = [(len(t.test), sum(len(e.sentence.encode()) for e in t.test)) for t in evaluations]
+    return expected_run_bytes(model_bytes, len(todo) if session.method.trains else 0, session.prep.method_class.state_share,
+                              answers)
+
+
 def _setup_log(store: RunStore) -> logging.Handler:
-    store.log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(store.log_path, encoding="utf-8")
+    with writing(store.log_path):
+        store.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(store.log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

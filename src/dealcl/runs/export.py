@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..methods.base import ContinualMethod
+from .paths import check_folder, writing
 from .predict import load_final_model
 
 
@@ -101,13 +102,19 @@ def export_kind(method, model: torch.nn.Module) -> tuple[str | None, str]:
 
 
 def export_run(run_dir: Path, destination: Path) -> str:
-    if destination.exists() and any(destination.iterdir()):
-        raise UserError(f"{destination} exists and is not empty; choose another --to")
+    check_folder(destination, "--to", kind="export")
     final = load_final_model(Path(run_dir))
     method, model = final.method, final.model
     kind, reason = export_kind(method, model)
     if kind is None:
         raise UserError(f"method '{method.name}' cannot be exported: {reason}")
+    with writing(destination):
+        return _write_export(final, kind, destination)
+
+
+def _write_export(final, kind: str, destination: Path) -> str:
+    """The folder, built under a temporary name and renamed into place."""
+    model = final.model
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
