@@ -114,14 +114,15 @@ class NonEmpty(Domain):
 
 @dataclass(frozen=True)
 class Regexes(Domain):
-    """A non-empty list of valid Python regular expressions."""
+    """A list of valid Python regular expressions (empty: none, which may mean something: GORP's
+    empty `galore_targets` trains no full-rank weight)."""
 
     @property
     def requirement(self) -> str:  # type: ignore[override]
-        return "be a non-empty list of valid regular expressions"
+        return "be a list of valid regular expressions"
 
     def contains(self, value: Any) -> bool:
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, list):
             return False
         for pattern in value:
             try:
