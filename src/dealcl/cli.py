@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from .errors import RunInterrupted, UserError
-from .runs.paths import check_file, check_folder, write_error
+from .runs.paths import check_file, check_folder
 
 EPILOG = "Docs: README.md and docs/ in the dealcl repository."
 
@@ -381,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.filename is None:
             raise  # not about a path the user gave: a bug, with its traceback
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {write_error(Path(exc.filename), exc)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # a path the machine refuses (permissions, a full disk, …)
+            print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         # Ctrl-C: exit code 128 + SIGINT, as shells report it (docs/RELIABILITY.md).
