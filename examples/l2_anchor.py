@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dealcl.domains import non_negative, option
 from dealcl.methods import (
     ContinualMethod, LoraOptions, Stage, load_adapter_tensors, lora_config, save_adapter_tensors, wrap_with_lora,
 )
@@ -20,7 +21,9 @@ from dealcl.methods import (
 
 @dataclass
 class L2AnchorConfig(LoraOptions):
-    strength: float = 0.1  # weight of Σ‖θ − θ_previous‖² over the adapter's weights
+    # Weight of Σ‖θ − θ_previous‖² over the adapter's weights; its domain is declared with the
+    # default, so `method.strength=-1` is refused with one error line before anything runs.
+    strength: float = option(0.1, non_negative)
 
 
 class L2Anchor(ContinualMethod):

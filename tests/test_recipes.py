@@ -147,7 +147,7 @@ def test_per_task_values_reach_the_stage_they_name(toy_data, tmp_path, monkeypat
     ({"stages 3-1": {"lr": 1e-3}}, "not a stage selector"),
     ({"toyB": {"warmup": 1}}, "unknown task_overrides.toyB key 'warmup'"),
     ({"toyB": {"epochs": 0}}, "must be positive"),
-    ({"toyB": {"method.lambda1": -1}}, "lambda1 must not be negative"),
+    ({"toyB": {"method.lambda1": -1}}, "'method.lambda1' must not be negative"),
 ])
 def test_bad_per_task_values_stop_before_any_stage(toy_data, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):

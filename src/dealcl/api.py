@@ -23,8 +23,10 @@ def _config(settings: dict[str, Any], recipe: bool = True):
 def run(output: str | Path, *, progress: bool = False, **settings: Any) -> dict[str, Any]:
     """Run (or resume, if `output` holds the same run) a whole task sequence; returns results.json."""
     from .runs.driver import run_continual
+    from .runs.paths import check_folder
 
-    return run_continual(_config(settings), Path(output), progress=progress)
+    config = _config(settings)
+    return run_continual(config, check_folder(Path(output), "output", kind="run"), progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = False, retrain_stage: int | None = None) -> dict[str, Any]:
@@ -40,7 +42,9 @@ def compare(methods: list[str], output: str | Path, *, orders: list[int | None] 
     """Several methods (and orders) side by side, each a resumable run under `output`; returns
     comparison.json."""
     from .runs.compare import compare as compare_runs
+    from .runs.paths import check_folder
 
+    check_folder(Path(output), "output")
     # A recipe is applied per method and order inside the comparison, as the CLI does.
     base = _config({**settings, "method": methods[0]}, recipe=False)
     return compare_runs(base, list(methods), list(orders) if orders else [base.order], Path(output),

@@ -9,7 +9,8 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import RunInterrupted, UserError
+from .runs.paths import check_file, check_folder
 
 EPILOG = "Docs: README.md and docs/ in the dealcl repository."
 
@@ -124,10 +125,12 @@ def _flag_help(spec) -> str:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), output_help: str) -> None:
-    from .data.benchmarks import BENCHMARKS
-    from .runs.config import CHOICES, RunConfig
+    from .domains import OneOf, domain_of
+    from .runs.config import RunConfig
 
-    choices = {**CHOICES, "benchmark": tuple(BENCHMARKS)}
+    # A flag whose declared domain is a set of values (domains.py) lists them in --help.
+    choices = {spec.name: tuple(domain.choices) for spec in RunConfig.flag_fields()
+               if isinstance(domain := domain_of(spec), OneOf)}
     # One flag per RunConfig field marked `flag(...)`, left out of the namespace when not given
     # (SUPPRESS), so a config file's or recipe's value is not overwritten by a default; the
     # values stay text and are checked with the YAML and key=value ones by the config.
@@ -297,6 +300,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runs.config import build_config
 
     config = build_config(Path(args.config) if args.config else None, _flags(args), args.overrides)
+    output = Path(args.output) if args.output else Path("runs") / f"{config.benchmark or 'custom'}-{config.method.replace('/', '_')}"
+    check_folder(output, "--output", kind="run")
     _check_before_loading(config)
     from .runs.driver import run_continual
     from .runs.report import format_report, load_run
@@ -304,7 +309,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.argv, args.num_processes)
-    output = Path(args.output) if args.output else Path("runs") / f"{config.benchmark or 'custom'}-{config.method.replace('/', '_')}"
     run_continual(config, output, progress=not args.quiet)
     ranks = launched_processes()
     if ranks.is_main:
@@ -332,7 +336,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = validate(base)
     if args.orders is None:
         orders = [base.order]
-    output = Path(args.output) if args.output else Path("runs") / f"compare-{base.benchmark or 'custom'}"
+    output = check_folder(Path(args.output) if args.output else Path("runs") / f"compare-{base.benchmark or 'custom'}",
+                          "--output")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:  # every name must resolve before any run starts
         check_method_name(method)
@@ -362,7 +367,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .runs.sweep import parse_rates, sweep
 
     rates = parse_rates(args.lrs)
-    output = Path(args.output) if args.output else Path("runs") / f"sweep-{config.method.replace('/', '_')}"
+    output = check_folder(Path(args.output) if args.output else Path("runs") / f"sweep-{config.method.replace('/', '_')}",
+                          "--output")
     summary = sweep(config, rates, output, progress=not args.quiet, say=lambda m: print(m, file=sys.stderr))
     from .runs.layout import SWEEP_MD
 
@@ -381,6 +387,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from .train.distributed import launched_processes
 
     config = resume_config(run_dir)
+    check_folder(run_dir, "run directory", kind="run")
     if args.num_processes != 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.argv, args.num_processes)
     run_continual(config, run_dir, progress=not args.quiet, retrain_stage=args.retrain_stage)
@@ -395,9 +402,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .runs.report import format_report, load_run, write_report
 
     runs = [load_run(Path(p)) for p in args.run_dirs]
-    print(format_report(runs))
     # One dealcl run: report.md goes into it. Several runs or upstream folders: only with --output.
     target = args.output or (args.run_dirs[0] if len(runs) == 1 and runs[0].source == "dealcl" else None)
+    if target:
+        check_folder(Path(target), "--output" if args.output else "run directory", kind="report")
+    print(format_report(runs))
     if target:
         print(f"report: {write_report(runs, Path(target))}", file=sys.stderr)
     return 0
@@ -410,6 +419,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     read_inputs(Path(args.input))  # a malformed input file answers before the model loads
     from .runs.predict import predict_file
 
+    if args.output:
+        check_file(Path(args.output), "--output")
     predict_file(Path(args.run_dir), Path(args.input), task_name=args.task, output=Path(args.output) if args.output else None,
                  stage=args.stage)
     return 0
@@ -450,6 +461,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .runs.demo import run_demo
     from .runs.report import format_report, load_run, write_report
 
+    check_folder(Path(args.output), "--output")
     started = time.perf_counter()
     runs = run_demo(Path(args.output), progress=not args.quiet)
     summaries = [load_run(run) for run in runs]
@@ -491,9 +503,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _existing_run_config(Path(args.run_dir))
-    destination = Path(args.to)
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise UserError(f"{destination} exists and is not empty; choose another --to")
+    destination = check_folder(Path(args.to), "--to", kind="export")
     from .runs.export import PROMPTS_FILE, export_run
 
     kind = export_run(Path(args.run_dir), destination, stage=args.stage)
@@ -509,6 +519,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.download import download_cl_benchmark
 
+    check_folder(Path(args.dest), "destination", kind="export")
     download_cl_benchmark(Path(args.dest))
     print(f"CL_Benchmark downloaded to {args.dest}")
     return 0
@@ -536,8 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dealcl methods | head`: the reader left; nothing to say
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("error: interrupted; finished stages are kept, continue with `dealcl resume RUN_DIR`", file=sys.stderr)
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user gave: a bug, with its traceback
+        if os.environ.get("RANK", "0") == "0":  # a path the machine refuses (permissions, a full disk, …)
+            print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: exit code 128 + SIGINT, as shells report it (docs/RELIABILITY.md).
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {interrupted_line(exc)}", file=sys.stderr)
         return 130
     finally:
         _leave_process_group()
@@ -555,6 +574,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{command} --help`)")
     args.argv = argv
     return args
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    if isinstance(exc, RunInterrupted):
+        return (f"interrupted during {exc.phase}; finished stages are kept in {exc.run_dir}: "
+                f"continue with `dealcl resume {exc.run_dir}`")
+    return "interrupted (no run was in progress; files are written whole or not at all)"
 
 
 def _leave_process_group() -> None:

@@ -1,7 +1,8 @@
 """Named fault-injection points, so reliability tests can kill a run at an exact moment.
 
 `DEALCL_FAULT=<point>:<n>` makes the process SIGKILL itself the n-th time it reaches `point`
-(`train-step`, `checkpoint-write`, `eval-batch`, `results-write`). Unset, a point costs one
+(`train-step`, `checkpoint-write`, `eval-batch`, `results-write`); `<point>:<n>:int` sends it
+SIGINT instead (Ctrl-C at an exact moment: the process must stop cleanly). Unset, a point costs one
 dictionary lookup. `DEALCL_FAULT_LOG=<file>` appends each point reached to the file, so a
 campaign can count how often each point occurs in a clean run. bench/faults.py and
 tests/reliability/ use them; users never need to.
@@ -32,9 +33,10 @@ def fault_point(point: str) -> None:
     spec = os.environ.get("DEALCL_FAULT")
     if not spec:
         return
-    target, _, count = spec.partition(":")
+    target, _, rest = spec.partition(":")
     if target != point:
         return
+    count, _, action = rest.partition(":")
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if action == "int" else signal.SIGKILL)

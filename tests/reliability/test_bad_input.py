@@ -99,6 +99,13 @@ CASES = [
     ("compare-orders-not-numbers", lambda t: ["compare", "--benchmark", "standard", "--orders", "1,two", "--methods",
                                               "seqlora", "--data", str(t / "data"), "--output", str(t / "out")], "--orders"),
     ("num-processes-zero", lambda t: _run_args(t, "--num-processes", "0"), "--num-processes"),
+    # The four cases of issue 16 (tracebacks or silent acceptance before the declared domains and path checks).
+    ("output-under-a-file", lambda t: (_write(t / "file", "mine"), _run_args(t, "--output", str(t / "file" / "run")))[1],
+     "cannot be created"),
+    ("output-on-a-special-file-system", lambda t: _run_args(t, "--output", "/proc/dealcl-test/run"), "/proc"),
+    ("export-to-a-file", lambda t: (_finished_run(t), _write(t / "file", "mine"),
+                                    ["export", str(t / "out"), "--to", str(t / "file")])[2], "is a file"),
+    ("method-rank-zero", lambda t: _run_args(t, "method.rank=0"), "'method.rank' must be in [1, 65536], got 0"),
     ("export-destination-not-empty", lambda t: (_finished_run(t), _write(t / "dest/x.txt", "mine"),
                                                 ["export", str(t / "out"), "--to", str(t / "dest")])[2], "dest"),
 ]

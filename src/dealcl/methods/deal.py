@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..domains import at_least, dimension, non_negative, option
 from ..errors import UserError
 from .base import ContinualMethod, LoraOptions, Stage, register
 from ._lora import lora_config, lora_layers, wrap_with_lora
@@ -155,34 +156,21 @@ class DealLoraA(torch.nn.Module):
 class DealConfig(LoraOptions):
     # LoRA shape (rank/alpha None → r 16 for T5, 32 for LLaMA-family, α 32, deal_spec.md §1.3).
     # Width of the update MLP; the hidden size is max(mlp_hidden, r // 2) as upstream (§1.5).
-    mlp_hidden: int = 128
+    mlp_hidden: int = option(128, dimension)
     # Train B from task 2 on as well (the paper's "both", Alg. 1 / Fig. 2a); upstream freezes B (§1.8).
     update_b: bool = False
     # Apply the ℓp regulariser λ1·‖θ‖_p1 + λ2·‖MLP‖_p2 per module, summed (§1.7; dead code upstream).
     regularize: bool = True
     # λ1, weight of the θ norm (upstream trainer default 0.01).
-    lambda1: float = 0.01
+    lambda1: float = option(0.01, non_negative)
     # λ2, weight of the MLP-parameter norm (upstream 0.001).
-    lambda2: float = 0.001
+    lambda2: float = option(0.001, non_negative)
     # p1, order of the θ norm (upstream `theta_norm_p` 10: nearly a max-norm).
-    theta_norm_p: float = 10.0
+    theta_norm_p: float = option(10.0, at_least(1))  # a norm: p >= 1
     # p2, order of the MLP norm (upstream `mlp_norm_p` 2).
-    mlp_norm_p: float = 2.0
+    mlp_norm_p: float = option(2.0, at_least(1))
     # False: un-powered norms ‖·‖_p as the code writes them; True: ‖·‖_p^p as the paper writes (Eq. 12).
     reg_powered: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mlp_hidden < 1:
-            raise UserError(f"method.mlp_hidden must be a positive integer, got {self.mlp_hidden}")
-        for key in ("lambda1", "lambda2"):
-            value = getattr(self, key)
-            if not (value >= 0 and math.isfinite(value)):
-                raise UserError(f"method.{key} must be a finite number >= 0, got {value}")
-        for key in ("theta_norm_p", "mlp_norm_p"):
-            value = getattr(self, key)
-            if not (value >= 1 and math.isfinite(value)):
-                raise UserError(f"method.{key} must be a finite number >= 1 (a norm), got {value}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..domains import non_negative, option, positive
 from ..errors import UserError
 from .base import LoraOptions, Stage, TrainItem, register
 from .seqlora import SeqLora
@@ -36,16 +37,9 @@ class EwcConfig(LoraOptions):
     # over ~0.8M LoRA weights) smaller values leave the penalty orders of magnitude below the
     # task loss (no effect); 1e4 makes it the same order as the CE once the weights have drifted
     # by the typical size of one task's update, so it slows drift without freezing the adapter.
-    ewc_lambda: float = 1e4
+    ewc_lambda: float = option(1e4, non_negative)
     # Training examples per task the Fisher is averaged over (evenly spaced through the train list).
-    fisher_examples: int = 200
-
-    def validate(self) -> None:
-        super().validate()
-        if self.ewc_lambda < 0:
-            raise UserError(f"method.ewc_lambda must not be negative, got {self.ewc_lambda}")
-        if self.fisher_examples < 1:
-            raise UserError(f"method.fisher_examples must be at least 1, got {self.fisher_examples}")
+    fisher_examples: int = option(200, positive)
 
 
 def evenly_spaced(items: list, count: int) -> list:

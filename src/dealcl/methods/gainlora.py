@@ -49,6 +49,7 @@ from ._gpm import (
     write_json,
 )
 from ._lora import is_seq2seq
+from ..domains import dimension, in_range, one_of, option
 from .base import Stage, TrainItem, register
 from .inflora import InfLora, InfLoraConfig, log
 
@@ -65,35 +66,21 @@ GATE_MEMORIES = ("input", "hidden", "output")
 @dataclass
 class GainLoraConfig(InfLoraConfig):
     # ε₀ of the gate memories' schedule (upstream --transthreshold 0.995).
-    gate_threshold: float = 0.995
+    gate_threshold: float = option(0.995, in_range(0, 1, low_open=True))
     # Width h of the gate's hidden layer; None: 100 for T5, 50 for decoder-only models (upstream).
-    gate_hidden: int | None = None
+    gate_hidden: int | None = option(None, dimension)
     # Activation after W₁: silu or none; None: silu for T5, none for decoder-only (upstream).
-    gate_first_activation: str | None = None
+    gate_first_activation: str | None = option(None, one_of(*ACTIVATIONS))
     # masked_mean: p₀ averages the real prompt tokens (fix of G-2); padded_mean: the masked sum
     # divided by the padded prompt width (upstream).
-    pool: str = "masked_mean"
+    pool: str = option("masked_mean", one_of(*POOLS))
     # Rescale each gate row to its unprojected post-step norm (upstream T5; breaks the
     # invariance the projection gives, G-3). Off by default.
     row_renorm: bool = False
     # The key of gate t: complement_random (a random direction orthogonal to M², the latest
     # author revision) or complement_top_eig (the top eigenvector of this task's p₂ covariance
     # projected off M², computed before training: the first release).
-    key_init: str = "complement_random"
-
-    def validate(self) -> None:
-        super().validate()
-        choices = {"pool": POOLS, "key_init": KEY_INITS}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"method.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.gate_first_activation is not None and self.gate_first_activation not in ACTIVATIONS:
-            raise UserError(f"method.gate_first_activation must be one of {', '.join(ACTIVATIONS)} (or null), "
-                            f"got {self.gate_first_activation!r}")
-        if self.gate_hidden is not None and self.gate_hidden < 1:
-            raise UserError(f"method.gate_hidden must be a positive integer, got {self.gate_hidden!r}")
-        if not 0.0 < self.gate_threshold <= 1.0:
-            raise UserError(f"method.gate_threshold must be in (0, 1], got {self.gate_threshold!r}")
+    key_init: str = option("complement_random", one_of(*KEY_INITS))
 
 
 def gate_value(cosine: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +69,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..domains import dimension, in_range, option, positive, regexes
 from ..errors import UserError
 from ..models import unwrap
 from ._lora import TaskAdapters, is_seq2seq, lora_config, lora_layers
@@ -95,44 +95,26 @@ class GorpConfig(LoraOptions):
     # regex (e.g. `.*SelfAttention\.(q|v)`) is a full-match regex; otherwise PEFT's name-suffix list.
     # Regexes fully matching module names of the weights trained full-rank by GaLore; None →
     # `.*EncDecAttention\.(q|v)` (encoder-decoder) or `.*mlp\.gate_proj` (decoder-only) (§3.2).
-    galore_targets: list[str] | None = None
+    galore_targets: list[str] | None = option(None, regexes)
     # Learning rate of the full-rank group. Upstream: 1e-5 (T5-large) / 1e-6 (LLaMA-2-7B) over
     # thousands of steps. On the 135M model in a few hundred steps 1e-5 leaves the weights where
     # they were (an Adam step moves a rank-8 projected entry by about lr·√(r/n) ≈ 0.1·lr); 1e-4
     # moves gate_proj by a few % of its scale in 300 steps: a real but non-destructive update.
-    galore_lr: float = 1e-4
+    galore_lr: float = option(1e-4, positive)
     # GaLore projector rank r (§3.7: 8 for T5 orders 1–3 and LLaMA).
-    galore_rank: int = 8
+    galore_rank: int = option(8, dimension)
     # Steps between projector refreshes K (SVD of the current gradient; 10 in T5 orders 1–3).
-    galore_gap: int = 10
+    galore_gap: int = option(10, positive)
     # Scale α_G of the back-projected update (1 in T5 orders 1–3; 0.25 elsewhere).
-    galore_scale: float = 1.0
+    galore_scale: float = option(1.0, positive)
     # Energy threshold τ of the memory (0.9 hard-coded upstream): smallest k reaching τ.
-    energy_threshold: float = 0.9
+    energy_threshold: float = option(0.9, in_range(0, 1, low_open=True))
     # Remove the memory's component from the full-rank group's gradients (output space).
     project_galore: bool = True
     # Remove the memory's component from LoRA A gradients (input space, W4 fix).
     project_lora: bool = True
     # Adam ε of all groups (1e-6 in the GORP optimizer, HF-style: added to √v).
-    eps: float = 1e-6
-
-    def validate(self) -> None:
-        super().validate()
-        for key in ("galore_rank", "galore_gap"):
-            value = getattr(self, key)
-            if value < 1:
-                raise UserError(f"method.{key} must be a positive integer, got {value!r}")
-        for key in ("galore_lr", "galore_scale", "eps"):
-            value = getattr(self, key)
-            if not value > 0 or not math.isfinite(value):
-                raise UserError(f"method.{key} must be positive, got {value!r}")
-        if not 0.0 < self.energy_threshold <= 1.0:
-            raise UserError(f"method.energy_threshold must be in (0, 1], got {self.energy_threshold!r}")
-        for pattern in self.galore_targets or []:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise UserError(f"method.galore_targets: invalid regex {pattern!r} ({exc})") from None
+    eps: float = option(1e-6, positive)
 
 
 @register
@@ -144,6 +126,8 @@ class Gorp(ContinualMethod):
     export_as = "merged"  # full-rank weights changed: merge the summed adapters into them
     fsdp_refusal = ("it trains the full-rank target weights, and GaLore's SVD needs each target's whole "
                     "gradient on one rank")
+    # The full-rank targets (LLaMA gate_proj: a fifth of SmolLM2-135M) and their memory, besides the LoRA.
+    state_share = 0.5
     # LoRA lr (groups L and R). Upstream: 1e-3 (T5-large), 2e-4 (LLaMA-2-7B). We take seqlora's
     # 5e-4, calibrated on smollm2-135m with the same LoRA shape (r 8, α 32).
     default_lr = 5e-4

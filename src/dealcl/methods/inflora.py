@@ -47,6 +47,7 @@ from ._gpm import (
     save_memories, threshold_at, update_memory, write_json,
 )
 from ._lora import TaskAdapters, is_seq2seq, lora_config, lora_layers
+from ..domains import dimension, in_range, one_of, option, positive
 from .base import ContinualMethod, LoraOptions, Stage, TrainItem, register
 
 log = logging.getLogger("dealcl")
@@ -64,41 +65,29 @@ _CROSS_KV = re.compile(r"^(.*EncDecAttention)\.(k|v)$")
 @dataclass
 class InfLoraConfig(LoraOptions):
     # rank/alpha None → 8/32 (upstream T5 Long: r 8, α 32); targets None → q,v everywhere.
-    dropout: float = 0.0  # upstream: LoRA dropout 0
+    dropout: float = option(0.0, in_range(0, 1, high_open=True))  # upstream: LoRA dropout 0
     # How A_t is chosen: random_projected (the released LLM code) or input_svd (the paper).
-    a_init: str = "random_projected"
+    a_init: str = option("random_projected", one_of(*A_INITS))
     # ε₀ of the memory threshold schedule (upstream --threshold 0.995).
-    threshold: float = 0.995
+    threshold: float = option(0.995, in_range(0, 1, low_open=True))
     # T in ε_t = ε₀ + (1 − ε₀)(t−1)/T. Upstream hard-codes 15 (its 15-task sequences) for every
     # sequence; 15 is kept for parity. Set it to the sequence length for the intended schedule.
-    schedule_T: int = 15
+    schedule_T: int = option(15, positive)
     # Energy of a direction: squared (λ² of the covariance eigenvalue λ, as coded) or eigenvalue
     # (λ, equivalent to GPM on the representation matrix).
-    energy: str = "squared"
+    energy: str = option("squared", one_of(*ENERGIES))
     # Split the input dimension into this many blocks and keep only the diagonal covariance
     # blocks (upstream: 1 for T5, 4 for LLaMA-2's 4096-dimensional inputs).
-    chunk: int = 1
+    chunk: int = option(1, dimension)
     # exclude: count only real tokens in the covariance (fix of I-4); include: pads too (upstream).
-    covariance_padding: str = "exclude"
+    covariance_padding: str = option("exclude", one_of(*PADDING))
     # separate: T5 cross-attention v keeps a memory of its own input, the encoder output (fix of
     # I-3); shared: it uses the query-side memory of its attention block (upstream).
-    cross_v_memory: str = "separate"
+    cross_v_memory: str = option("separate", one_of(*CROSS_V))
     # The task-end pass (and input_svd's pre-training pass) reads at most this many batches of
     # this many training examples (upstream: 1 002 batches of its training batch size).
-    memory_batches: int = 1002
-    memory_batch_size: int = 16
-
-    def validate(self) -> None:
-        super().validate()
-        choices = {"a_init": A_INITS, "energy": ENERGIES, "covariance_padding": PADDING, "cross_v_memory": CROSS_V}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"method.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise UserError(f"method.threshold must be in (0, 1], got {self.threshold!r}")
-        for key in ("schedule_T", "chunk", "memory_batches", "memory_batch_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"method.{key} must be a positive integer, got {getattr(self, key)!r}")
+    memory_batches: int = option(1002, positive)
+    memory_batch_size: int = option(16, positive)
 
 
 @register

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..domains import non_negative, option, positive
 from .base import LoraOptions, Stage, TrainItem, register
 from .seqlora import SeqLora
 
@@ -35,24 +35,13 @@ from .seqlora import SeqLora
 @dataclass
 class LwfConfig(LoraOptions):
     # Weight of the distillation term against the task CE (1.0: Li & Hoiem's λ_o = 1).
-    lwf_alpha: float = 1.0
+    lwf_alpha: float = option(1.0, non_negative)
     # Softening temperature of teacher and student (Li & Hoiem use T = 2); the KL is scaled by T².
-    temperature: float = 2.0
+    temperature: float = option(2.0, positive)
     # Teacher tokens kept per answer position (plus one "rest" bucket); 0 keeps the whole vocabulary.
-    top_k: int = 50
+    top_k: int = option(50, non_negative)
     # Batch size of the one teacher pass at the start of each stage (inference only).
-    teacher_batch_size: int = 8
-
-    def validate(self) -> None:
-        super().validate()
-        if self.lwf_alpha < 0:
-            raise UserError(f"method.lwf_alpha must not be negative, got {self.lwf_alpha}")
-        if self.temperature <= 0:
-            raise UserError(f"method.temperature must be positive, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"method.top_k must be 0 (full vocabulary) or positive, got {self.top_k}")
-        if self.teacher_batch_size < 1:
-            raise UserError(f"method.teacher_batch_size must be at least 1, got {self.teacher_batch_size}")
+    teacher_batch_size: int = option(8, positive)
 
 
 @dataclass

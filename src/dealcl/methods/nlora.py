@@ -30,6 +30,7 @@ import torch
 from ..errors import UserError
 from ..models import unwrap
 from ._lora import lora_layers
+from ..domains import non_negative, one_of, option
 from .base import LoraOptions, Stage, register
 from .olora import IncLora
 
@@ -56,16 +57,12 @@ def l1_penalty(a: torch.Tensor, b: torch.Tensor, form: str = "paper", scaling: f
 class NLoraConfig(LoraOptions):
     # Weight λ1 of the ℓ1 term (per task through task_overrides). 3e-4 suits the paper form on a
     # T5-large-sized q,v (module docstring); upstream's code-form values are 0.4-1.8 (T5).
-    lambda1: float = 3e-4
-    form: str = "paper"  # paper: ‖B·A‖₁ on ΔW (default); code: the released r×r ‖A·B‖₁ (square targets only)
+    lambda1: float = option(3e-4, non_negative)
+    form: str = option("paper", one_of(*NLORA_FORMS))  # paper: ‖B·A‖₁ on ΔW (default); code: the released r×r ‖A·B‖₁ (square targets only)
     include_scaling: bool = False  # paper form: penalise s·B·A (s = α/r), not B·A (the paper is silent)
 
     def validate(self) -> None:
         super().validate()
-        if self.form not in NLORA_FORMS:
-            raise UserError(f"method.form must be one of {', '.join(NLORA_FORMS)}, got {self.form!r}")
-        if not self.lambda1 >= 0:
-            raise UserError(f"method.lambda1 must not be negative, got {self.lambda1!r}")
         if self.include_scaling and self.form == "code":
             raise UserError("method.include_scaling applies to the paper form only (the released code form has no scaling)")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..domains import non_negative, one_of, option
 from .base import ContinualMethod, LoraOptions, Stage, register
 from ._lora import TaskAdapters, lora_config, lora_layers
 
@@ -50,23 +50,16 @@ def orthogonal_overlap(a_old: torch.Tensor, a_new: torch.Tensor, norm: str = "l1
 
 @dataclass
 class OLoraConfig(LoraOptions):
-    lambda1: float = 0.5  # weight of the orthogonality (overlap) term; upstream orders 1-3: 0.5
-    lambda2: float = 0.0  # weight of the Frobenius norm of the new LoRA; upstream orders 1-3: 0
-    overlap_norm: str = "l1"  # l1 (entry-wise |A_old A_newᵀ|, the code) or frobenius2 / fro2 (squared, the paper)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.overlap_norm not in OVERLAP_NORMS:
-            raise UserError(f"method.overlap_norm must be one of {', '.join(OVERLAP_NORMS)}, got {self.overlap_norm!r}")
-        for key in ("lambda1", "lambda2"):
-            if getattr(self, key) < 0:
-                raise UserError(f"method.{key} must not be negative, got {getattr(self, key)}")
+    lambda1: float = option(0.5, non_negative)  # weight of the orthogonality (overlap) term; upstream orders 1-3: 0.5
+    lambda2: float = option(0.0, non_negative)  # weight of the Frobenius norm of the new LoRA; upstream orders 1-3: 0
+    # l1 (entry-wise |A_old A_newᵀ|, the code) or frobenius2 / fro2 (squared, the paper)
+    overlap_norm: str = option("l1", one_of(*OVERLAP_NORMS))
 
 
 @dataclass
 class IncLoraConfig(OLoraConfig):
-    lambda1: float = 0.0
-    lambda2: float = 0.0
+    lambda1: float = option(0.0, non_negative)
+    lambda2: float = option(0.0, non_negative)
 
 
 @register

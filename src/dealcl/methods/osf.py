@@ -62,7 +62,22 @@ from safetensors.torch import load_file, save_file
 from ..data.types import Task
 from ..errors import UserError
 from ._lora import model_type
+from ..domains import Domain, non_empty, option
 from .base import ContinualMethod, MethodConfig, Stage, register
+
+
+class FrozenRanks(Domain):
+    """One frozen rank per task: a fraction in (0, 1) of each module's q, or a whole number ≥ 1
+    of directions (PEFT's `effective_rank`; 0 and 1.0-as-everything are refused, spec O-5)."""
+
+    @property
+    def requirement(self) -> str:  # type: ignore[override]
+        return "list, per task, a fraction in (0, 1) or a whole number >= 1 of frozen directions"
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            and (v < 1 or v == int(v)) for v in value)
 
 log = logging.getLogger("dealcl")
 
@@ -80,23 +95,13 @@ ADAPTER = "default"
 @dataclass
 class OsfConfig(MethodConfig):
     # Module-name suffixes of the linear layers OSF fine-tunes; None: the architecture's (above).
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = option(None, non_empty)
     # Frozen (preserved) rank per task, one value per task: in (0, 1) a fraction of each module's
     # q = min(d_out, d_in), ≥ 1 a whole number of directions. None: max(1, ⌊q·(t−1)/T⌋).
-    effective_ranks: list[float] | None = None
+    effective_ranks: list[float] | None = option(None, FrozenRanks())
     # Re-project U_low, V_low off the frozen directions after every optimizer step (exact
     # preservation under Adam; not in PEFT).
     strict_orthogonal: bool = False
-
-    def validate(self) -> None:
-        if self.target_modules is not None and not self.target_modules:
-            raise UserError("method.target_modules must name at least one module (or be null for the architecture's)")
-        for i, value in enumerate(self.effective_ranks or [], start=1):
-            if not (math.isfinite(value) and value > 0 and (value < 1 or value == int(value))):
-                raise UserError(f"method.effective_ranks[{i}] must be a fraction in (0, 1) or a whole number ≥ 1 "
-                                f"(frozen directions), got {value!r}")
-        if self.effective_ranks is not None and not self.effective_ranks:
-            raise UserError("method.effective_ranks must give one value per task (or be null for the schedule)")
 
 
 def frozen_rank(value: float, q: int) -> int:

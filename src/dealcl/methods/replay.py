@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data.types import Example, Task
-from ..errors import UserError
+from ..domains import non_negative, option, probability, seed_value
 from .base import LoraOptions, Stage, TrainItem, register
 from .seqlora import SeqLora
 
@@ -25,20 +25,13 @@ from .seqlora import SeqLora
 @dataclass
 class ReplayConfig(LoraOptions):
     # Share of each finished task's training set kept for replay (2 %: the usual small-buffer setting).
-    replay_fraction: float = 0.02
+    replay_fraction: float = option(0.02, probability)
     # At least this many examples per finished task (capped at the task's size), so that small
     # tasks (CB: 250 training examples → 5 at 2 %) still replay one batch's worth.
-    replay_min: int = 8
+    replay_min: int = option(8, non_negative)
     # Seeds the per-task sample, apart from the run's seed (`services.seed`) so that runs of several
     # seeds replay the same examples unless asked: 0 by default (the sample depends on the task only).
-    seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0 <= self.replay_fraction <= 1:
-            raise UserError(f"method.replay_fraction must be in [0, 1], got {self.replay_fraction}")
-        if self.replay_min < 0:
-            raise UserError(f"method.replay_min must not be negative, got {self.replay_min}")
+    seed: int = option(0, seed_value)
 
 
 def buffer_size(n_train: int, fraction: float, minimum: int) -> int:

@@ -50,6 +50,7 @@ class SeqFt(ContinualMethod):
     config_class = SeqFtConfig
     export_as = "merged"
     fsdp_refusal = "it trains every base weight, and FSDP in dealcl shards frozen weights only"
+    state_share = 1.0  # the whole model after every stage
     # Not swept. Adam moves every weight by about lr per step, so full fine-tuning of a ~100M
     # model uses the BERT-base range 2e-5..5e-5 (Devlin et al. 2019), ten times below the LoRA
     # rate (5e-4 for seqlora here). Upstream's 1e-3 then 1e-4 (§2.5) was for T5-large, far

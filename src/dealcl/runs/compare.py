@@ -19,6 +19,7 @@ from .config import RunConfig, validate, with_recipe
 from .driver import run_continual
 from .layout import AA_BWT_PLOT, COMPARISON, COMPARISON_MD, EFFICIENCY, RESULTS, SWEEP
 from .report import RunSummary, load_run
+from .paths import make_folder
 from .store import atomic_write_json, atomic_write_text
 
 
@@ -192,7 +193,7 @@ def compare(base: RunConfig, methods: list[str], orders: list[int | None], outpu
     from . import plots
 
     configs = plan(base, methods, orders, rates, user_keys)
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     rows, paired_runs = [], []
     for config in configs:
         run_dir = output / run_name(config)

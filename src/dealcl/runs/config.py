@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,53 +17,61 @@ from typing import Any
 
 import yaml
 
+from ..domains import (
+    Domain, check, check_fields, coerce, existing_dir, non_empty, non_negative, one_of, option, positive, seed_value,
+)
+from ..data.benchmarks import BENCHMARKS
 from ..errors import UserError
 
-
-def flag(default: Any, help: str) -> Any:
-    """A field that `dealcl run` (and compare, sweep) also takes as `--name-with-dashes`."""
-    return field(default=default, metadata={"flag": True, "help": help})
+def flag(default: Any, help: str, domain: Domain | None = None) -> Any:
+    """A field that `dealcl run` (and compare, sweep) also takes as `--name-with-dashes`; its
+    domain (domains.py) is checked for every layer alike: YAML, flag and key=value."""
+    return option(default, domain, flag=True, help=help)
 
 
 @dataclass
 class RunConfig:
-    method: str = flag("seqlora", 'registered name (`dealcl methods`) or path/to/file.py:ClassName')
-    model: str = flag("smollm2-135m", 'short name (`dealcl models`), Hugging Face id, local folder or .gguf file')
-    benchmark: str | None = flag(None, 'a named task sequence (`dealcl benchmarks`; default: none, give --tasks)')
-    order: int | None = flag(None, 'task order of the benchmark (standard: 1-3, long: 4-6; tc has one)')
-    tasks: list[str] | None = flag(None, 'a custom sequence: comma-separated dataset names or task folders')
+    method: str = flag("seqlora", 'registered name (`dealcl methods`) or path/to/file.py:ClassName', non_empty)
+    model: str = flag("smollm2-135m", 'short name (`dealcl models`), Hugging Face id, local folder or .gguf file', non_empty)
+    benchmark: str | None = flag(None, 'a named task sequence (`dealcl benchmarks`; default: none, give --tasks)',
+                                 one_of(*BENCHMARKS))
+    order: int | None = flag(None, 'task order of the benchmark (standard: 1-3, long: 4-6; tc has one)', positive)
+    tasks: list[str] | None = flag(None, 'a custom sequence: comma-separated dataset names or task folders', non_empty)
     data: str | None = flag(None, "CL_Benchmark root (default $DEALCL_DATA, ../shared/CL_Benchmark, "
-                                  "./data/CL_Benchmark)")
-    train_per_task: int | None = flag(None, 'cap on training examples per task (default: all)')
-    test_per_task: int | None = flag(None, 'cap on test examples per task (default: all)')
-    val_per_task: int = flag(0, 'validation examples held out of train')
-    sample: str = flag("first", 'first (upstream) or random (seeded) examples under a cap')
-    epochs: int = flag(1, "passes over each task's training examples")
-    lr: float | None = flag(None, "learning rate (default: the method's calibrated value)")
+                                  "./data/CL_Benchmark)", existing_dir)
+    train_per_task: int | None = flag(None, 'cap on training examples per task (default: all)', positive)
+    test_per_task: int | None = flag(None, 'cap on test examples per task (default: all)', positive)
+    val_per_task: int = flag(0, 'validation examples held out of train', non_negative)
+    sample: str = flag("first", 'first (upstream) or random (seeded) examples under a cap', one_of("first", "random"))
+    epochs: int = flag(1, "passes over each task's training examples", positive)
+    lr: float | None = flag(None, "learning rate (default: the method's calibrated value)", positive)
     batch_size: int = flag(8, "examples per batch; an optimizer step takes batch size x grad accum "
-                              "examples, whatever the number of processes")
-    grad_accum: int = flag(1, "gradient accumulation: batches per optimizer step")
-    max_grad_norm: float = 1.0
+                              "examples, whatever the number of processes", positive)
+    grad_accum: int = flag(1, "gradient accumulation: batches per optimizer step", positive)
+    max_grad_norm: float = option(1.0, non_negative)  # 0: no clipping
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     # At most this many padded tokens (rows × longest) per micro-batch, one example at least;
     # the optimizer step (batch_size × grad_accum examples) and its loss stay the same.
     # None: 1024 on a CPU (bounded memory on long prompts), no cap on a GPU.
-    micro_batch_tokens: int | None = None
+    micro_batch_tokens: int | None = option(None, positive)
     # Decoder-only training computes the prompt prefix a micro-batch's rows share once (the
     # same loss and gradient; LoRA dropout draws one mask on the shared positions). Off with
     # gradient checkpointing (no cache while recomputing) and with fsdp.
     share_prompt_prefix: bool = True
     group_by_length: bool = True  # batches of similar length (less padding); false: plain shuffle
-    seed: int = flag(42, 'seed of the data order, sampling, dropout and adapter init')
-    max_source_length: int = 512
-    precision: str = flag("auto", "compute precision (autocast): bf16, fp32, or auto = bf16 where the CPU or GPU has it")
-    model_dtype: str = "fp32"  # fp32 | bf16: how the frozen base weights are stored (adapters stay fp32)
+    seed: int = flag(42, 'seed of the data order, sampling, dropout and adapter init', seed_value)
+    max_source_length: int = option(512, positive)
+    precision: str = flag("auto", "compute precision (autocast): bf16, fp32, or auto = bf16 where the CPU or GPU has it",
+                           one_of("auto", "bf16", "fp32"))
+    # How the frozen base weights are stored (adapters stay fp32).
+    model_dtype: str = option("fp32", one_of("fp32", "bf16"))
     fsdp: bool = False  # several processes: shard the frozen block weights over the ranks (FSDP2)
-    prompt_style: str = flag("plain", "plain (upstream prompt) or chat (model's chat template)")
-    eval_batch_size: int = 16
+    prompt_style: str = flag("plain", "plain (upstream prompt) or chat (model's chat template)", one_of("plain", "chat"))
+    eval_batch_size: int = option(16, positive)
     eval_mode: str = flag("generate", "generate (greedy answers, exact match) or score (rank the labels "
-                                      "by likelihood)")
-    eval_split: str = "test"  # test | validation (the --val-per-task examples held out of train: tuning)
+                                      "by likelihood)", one_of("generate", "score"))
+    # validation: score the --val-per-task examples held out of train (tuning), never the test set.
+    eval_split: str = option("test", one_of("test", "validation"))
     eval_all_stages: bool = flag(False, 'evaluate every task after every stage (gives forward transfer)')
     reference_stage: bool = True  # evaluate the untouched model first: the zero-shot b_j
     with_rouge: bool = flag(False, "also score ROUGE-1 and ROUGE-L (rouge-score, stemmed, as upstream) into results.json; "
@@ -72,11 +79,12 @@ class RunConfig:
     # Experiment trackers (accelerate's): none, or a list of tensorboard, wandb, mlflow. They
     # log under <run>/tracking/ (runs/tracking.py); what is computed does not depend on them.
     report_to: list[str] | None = flag(None, "experiment trackers: none (default), or tensorboard, wandb, mlflow "
-                                             "(comma-separated); they log into <run>/tracking/")
+                                             "(comma-separated); they log into <run>/tracking/",
+                                        non_empty)  # names checked by _check_trackers
     trust_remote_code: bool = flag(False, "allow a model's own Python code to run (off by default)")
     # The recipe whose values this config starts from (recorded, applied once).
     recipe: str | None = flag(None, "start from a recipe of upstream settings: a name from `dealcl recipes`, or "
-                                    "upstream (the one for this method, benchmark and model family; default: none)")
+                                    "upstream (the one for this method, benchmark and model family; default: none)", non_empty)
     method_options: dict[str, Any] = field(default_factory=dict)
     # Values for some stages only: selector (task name, "stage N", "stages N-M", "stages N-") →
     # {key: value}, keys from STAGE_KEYS or method.KEY (options the method lets vary per task).
@@ -93,75 +101,6 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         return {k: v for k, v in data.items() if k not in self.NON_SEMANTIC}
-
-
-CHOICES = {"model_dtype": ("fp32", "bf16"), "eval_mode": ("generate", "score"), "eval_split": ("test", "validation"), "sample": ("first", "random"), "precision": ("auto", "bf16", "fp32"), "prompt_style": ("plain", "chat")}
-POSITIVE = {"epochs", "batch_size", "grad_accum", "eval_batch_size", "max_source_length", "train_per_task", "test_per_task", "lr",
-            "micro_batch_tokens"}
-NON_NEGATIVE = {"val_per_task", "max_grad_norm", "seed"}
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotated type `tp`; accept strings from the command line."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return coerce(key, value, args[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"config key '{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"config key '{key}' must be a string, got {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(tp) or (str,)
-        if isinstance(value, str):
-            value = [v for v in (part.strip() for part in value.split(",")) if v]
-        if not isinstance(value, list):
-            raise UserError(f"config key '{key}' must be a list, got {value!r}")
-        return [coerce(key, v, item_type) for v in value]
-    if origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
-        key_type, value_type = typing.get_args(tp) or (str, Any)
-        if value_type is Any:
-            return dict(value)
-        return {str(k): coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
-    return value
 
 
 def _unknown_key(key: str, known: list[str], where: str) -> UserError:
@@ -220,6 +159,9 @@ def apply_values(config: RunConfig, values: dict[str, Any], source: str = "confi
     return config
 
 
+_FIELDS = {spec.name: spec for spec in dataclasses.fields(RunConfig)}
+
+
 def _check_task_overrides(config: RunConfig) -> None:
     hints = typing.get_type_hints(RunConfig)
     for selector, entry in config.task_overrides.items():
@@ -232,11 +174,9 @@ def _check_task_overrides(config: RunConfig) -> None:
                 continue  # checked against the method's options when the method is known
             if key not in STAGE_KEYS:
                 raise _unknown_key(key, list(STAGE_KEYS), f"task_overrides.{selector}")
+            # A stage's value is always a value: the Optional of the run-wide key does not apply.
             (kind,) = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
-            value = entry[key] = coerce(where, value, kind)
-            if key == "max_grad_norm" and value < 0 or key != "max_grad_norm" and not value > 0:
-                raise UserError(f"config key '{where}' must be {'non-negative' if key == 'max_grad_norm' else 'positive'}, "
-                                f"got {value!r}")
+            entry[key] = check(where, coerce(where, value, kind), _FIELDS[key].metadata.get("domain"))
 
 
 def stage_overrides(config: RunConfig, index: int, tasks: list[str]) -> dict[str, Any]:
@@ -262,17 +202,8 @@ def stage_overrides(config: RunConfig, index: int, tasks: list[str]) -> dict[str
 
 
 def validate(config: RunConfig) -> RunConfig:
-    for key, choices in CHOICES.items():
-        if getattr(config, key) not in choices:
-            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, got {getattr(config, key)!r}")
-    for key in POSITIVE:
-        value = getattr(config, key)
-        if value is not None and not value > 0:
-            raise UserError(f"config key '{key}' must be positive, got {value!r}")
-    for key in NON_NEGATIVE:
-        value = getattr(config, key)
-        if value is not None and value < 0:
-            raise UserError(f"config key '{key}' must not be negative, got {value!r}")
+    """Every key's declared domain (domains.py), then the per-stage values."""
+    check_fields(config)
     _check_task_overrides(config)
     config.report_to = _check_trackers(config.report_to)
     return config
@@ -420,7 +351,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def method_config(config_class: type, options: dict[str, Any], method_name: str):
-    """Build a method's config dataclass from `method_options`, with the same strict checks."""
+    """Build a method's config dataclass from `method_options`, with the same strict checks: each
+    option's type and declared domain (defaults included), then the config's own cross-field
+    `validate()` where it has one."""
     hints = typing.get_type_hints(config_class)
     known = [f.name for f in dataclasses.fields(config_class)]
     values = {}
@@ -428,8 +361,8 @@ def method_config(config_class: type, options: dict[str, Any], method_name: str)
         if key not in known:
             raise _unknown_key(key, known, f"method '{method_name}' option")
         values[key] = coerce(f"method.{key}", value, hints[key])
-    instance = config_class(**values)
-    check = getattr(instance, "validate", None)
-    if callable(check):
-        check()
+    instance = check_fields(config_class(**values), prefix="method.")
+    cross_field_check = getattr(instance, "validate", None)
+    if callable(cross_field_check):
+        cross_field_check()
     return instance

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data.types import Task
-from ..errors import UserError
+from ..errors import RunInterrupted, UserError
 from ..eval.evaluator import BASE_MODEL, OLD_ANSWER_RULE, Evaluator, StageEvaluation, answer_rule
 from ..eval.metrics import ROUGE_TYPES, summarize
 from ..methods import Stage
@@ -31,6 +31,7 @@ from .layout import (
 )
 from .integrity import check_data_files, check_resumable, discard_stages
 from .memory import peak_memory_mb, reset_peak_memory
+from .paths import check_free_space, expected_run_bytes, writing
 from .progress import RunProgress, Workload
 from .provenance import run_yaml
 from .session import Prepared, Session, build_session
@@ -59,6 +60,10 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
     ranks = session.services.processes
     progress = progress and ranks.is_main
     stages = session.stages()
+    if ranks.is_main:  # before the run directory is touched
+        warning = check_free_space(Path(output), _expected_bytes(session, RunStore(Path(output)), stages))
+        if warning:
+            say(warning)
     if len({s.name for s in stages}) != len(stages):
         raise UserError("a method produced two stages with the same name")
     existed = RunStore(Path(output)).is_run()
@@ -88,9 +93,11 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
         session.services.on_step = tracker.log_step
     log.info("run %s: method=%s model=%s tasks=%s precision=%s", store.root, config.method, config.model,
              [t.name for t in session.tasks], session.prep.precision)
+    phase = "stage 0 (the zero-shot reference)"
     try:
         if config.reference_stage:
             record.reference = reference_stage(session, store, evaluator)
+        phase = "loading the last finished stage"
         model = session.prepare_model()
         resumed = resume(session, store, stages, evaluator, record)
         summary = ranks.on_main(lambda: record.write(store, stages)) if record.rows else {}
@@ -106,11 +113,13 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
             if stage.index > resumed:
                 if tracker is not None:
                     tracker.begin_stage(stage.index)
+                phase = f"training of stage {stage.index} ({stage.name})"
                 stats = session.train(stage, progress)
                 if tracker is not None:
                     tracker.trained(stage.index, stats.get("train_steps", 0))
                 ranks.on_main(lambda: write_stage_dir(store.adapter_dir(stage.index, stage.name),
                                                       lambda d: session.method.save_state(model, d)))
+            phase = f"evaluation of stage {stage.index} ({stage.name})"
             tasks = evaluated_tasks(session, stages, stage)
             evaluation = evaluator.evaluate(model, tasks, lambda task: session.method.eval_fingerprint(task, stage),
                                             session.method.eval_model)
@@ -124,6 +133,11 @@ def run_continual(config: RunConfig, output: Path, *, progress: bool = True, loa
         if tracker is not None and len(record.rows) == len(stages):
             tracker.log_final(summary)
         return summary
+    except KeyboardInterrupt:
+        # Ctrl-C: every writer has removed its temporary (they clean up on any exception), so
+        # what is on disk is the finished stages; the CLI prints how to continue.
+        log.info("interrupted during %s", phase)
+        raise RunInterrupted(store.root, phase) from None
     finally:
         overall.close()
         if tracker is not None:
@@ -316,14 +330,29 @@ def open_run_dir(output: Path, prep: Prepared) -> RunStore:
         return store
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"output directory {output} exists and is not a dealcl run; choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
+    with writing(output):
+        output.mkdir(parents=True, exist_ok=True)
     store.write_run_yaml(run_yaml(prep))
     return store
 
 
+def _expected_bytes(session: Session, store: RunStore, stages: list[Stage]) -> int:
+    """What the unfinished part of the run will write (runs/paths.py: expected_run_bytes)."""
+    model = session.prep.loaded.model
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    todo = [s for s in stages if not outputs_verify(store.output_dir(s.index, s.name))]
+    evaluations = [t for s in todo for t in evaluated_tasks(session, stages, s)]
+    if session.config.reference_stage and not outputs_verify(store.output_dir(0, REFERENCE)):
+        evaluations += session.tasks
+    answers = [(len(t.test), sum(len(e.sentence.encode()) for e in t.test)) for t in evaluations]
+    return expected_run_bytes(model_bytes, len(todo) if session.method.trains else 0, session.prep.method_class.state_share,
+                              answers)
+
+
 def _setup_log(store: RunStore) -> logging.Handler:
-    store.log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(store.log_path, encoding="utf-8")
+    with writing(store.log_path):
+        store.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(store.log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..eval.generate import MAX_NEW_TOKENS
 from ..methods.base import ContinualMethod
 from ..prompts import format_prompt
+from .paths import check_folder, writing
 from .predict import FinalModel, load_final_model
 from .store import atomic_write_json, follow_umask
 
@@ -148,13 +149,19 @@ def export_record(final: FinalModel, kind: str, run_dir: Path) -> dict:
 
 
 def export_run(run_dir: Path, destination: Path, stage: int | None = None) -> str:
-    if destination.exists() and any(destination.iterdir()):
-        raise UserError(f"{destination} exists and is not empty; choose another --to")
+    check_folder(destination, "--to", kind="export")
     final = load_final_model(Path(run_dir), stage)
     method, model = final.method, final.model
     kind, reason = export_kind(method, model)
     if kind is None:
         raise UserError(f"method '{method.name}' cannot be exported: {reason}")
+    with writing(destination):
+        return _write_export(final, kind, destination)
+
+
+def _write_export(final, kind: str, destination: Path) -> str:
+    """The folder, built under a temporary name and renamed into place."""
+    model = final.model
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:

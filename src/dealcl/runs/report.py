@@ -422,10 +422,10 @@ def _slug(text: str) -> str:
 def write_report(runs: list[RunSummary], directory: Path) -> Path:
     """`report.md` with the text report and its plots (PNG, next to it) in `directory`."""
     from . import plots
+    from .paths import make_folder
     from .store import atomic_write_text
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_folder(Path(directory))
     lines = ["# dealcl report", "", "```", _report_text(runs).rstrip(), "```", ""]
     for warning in (version_mismatch(runs), task_set_mismatch(runs)) if len(runs) > 1 else ():
         if warning:

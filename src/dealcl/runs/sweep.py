@@ -19,6 +19,7 @@ from ..methods import resolve_method
 from .config import RunConfig, validate
 from .driver import run_continual
 from .layout import RESULTS, SWEEP, SWEEP_MD
+from .paths import make_folder
 from .store import atomic_write_json, atomic_write_text
 
 
@@ -42,7 +43,7 @@ def sweep(base: RunConfig, rates: list[float], output: Path, *, progress: bool =
     # What would stop every run, checked before the first one is announced or started.
     resolve_sequence(base.benchmark, base.order, base.tasks)
     resolve_method(base.method)
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     rows = []
     for config in configs:
         run_dir = output / f"lr-{config.lr:g}"
