@@ -113,6 +113,18 @@ class NonEmpty(Domain):
 
 
 @dataclass(frozen=True)
+class NameList(Domain):
+    """A list of non-blank names, possibly empty (empty: none of them, as report_to=[])."""
+
+    @property
+    def requirement(self) -> str:  # type: ignore[override]
+        return "be a list of names"
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
+
+
+@dataclass(frozen=True)
 class Regexes(Domain):
     """A list of valid Python regular expressions (empty: none, which may mean something: GORP's
     empty `galore_targets` trains no full-rank weight)."""
@@ -158,6 +170,7 @@ non_negative = Range(0, None)
 finite = Range()
 probability = Range(0, 1)
 non_empty = NonEmpty()
+name_list = NameList()
 regexes = Regexes()
 existing_dir = ExistingPath("dir")
 existing_file = ExistingPath("file")

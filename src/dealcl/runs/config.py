@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ..domains import (
-    Domain, check, check_fields, coerce, existing_dir, non_empty, non_negative, one_of, option, positive, seed_value,
+    Domain, check, check_fields, coerce, existing_dir, name_list, non_empty, non_negative, one_of, option, positive, seed_value,
 )
 from ..data.benchmarks import BENCHMARKS
 from ..errors import UserError
@@ -80,7 +80,7 @@ class RunConfig:
     # log under <run>/tracking/ (runs/tracking.py); what is computed does not depend on them.
     report_to: list[str] | None = flag(None, "experiment trackers: none (default), or tensorboard, wandb, mlflow "
                                              "(comma-separated); they log into <run>/tracking/",
-                                        non_empty)  # names checked by _check_trackers
+                                        name_list)  # which names: _check_trackers
     trust_remote_code: bool = flag(False, "allow a model's own Python code to run (off by default)")
     # The recipe whose values this config starts from (recorded, applied once).
     recipe: str | None = flag(None, "start from a recipe of upstream settings: a name from `dealcl recipes`, or "

@@ -156,17 +156,17 @@ def export_run(run_dir: Path, destination: Path, stage: int | None = None) -> st
     if kind is None:
         raise UserError(f"method '{method.name}' cannot be exported: {reason}")
     with writing(destination):
-        return _write_export(final, kind, destination)
+        return _write_export(final, kind, destination, Path(run_dir))
 
 
-def _write_export(final, kind: str, destination: Path) -> str:
+def _write_export(final, kind: str, destination: Path, run_dir: Path) -> str:
     """The folder, built under a temporary name and renamed into place."""
     model = final.model
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         follow_umask(tmp, directory=True)
-        record = export_record(final, kind, Path(run_dir))
+        record = export_record(final, kind, run_dir)
         if kind == "adapter":
             names = list(model.base_model.active_adapters)
             tensors, config = _summed_adapter(model, names)
