@@ -161,7 +161,7 @@ def export_run(run_dir: Path, destination: Path, stage: int | None = None) -> st
 
 def _write_export(final, kind: str, destination: Path, run_dir: Path) -> str:
     """The folder, built under a temporary name and renamed into place."""
-    model = final.model
+    model, method = final.model, final.method
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
