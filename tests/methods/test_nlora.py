@@ -8,6 +8,7 @@ from conftest import tiny_run_config
 from dealcl.errors import UserError
 from dealcl.methods._lora import lora_layers
 from dealcl.methods.nlora import l1_penalty
+from dealcl.runs.driver import run_continual
 from dealcl.runs.session import build_session
 from dealcl.train.loop import TrainSettings, train_stage
 
@@ -63,6 +64,15 @@ def test_code_form_is_refused_at_prepare_time_on_a_gqa_model(toy_data):
         _session(toy_data, form="code", lambda1=0.4)
     session = _session(toy_data, model="tiny-t5", form="code", lambda1=0.4)  # T5 q,v: 64 → 64
     assert session.method.config.form == "code"
+
+
+def test_code_form_refusal_comes_before_the_run_directory_exists(toy_data, tmp_path):
+    # Before stage 0: a refused run leaves nothing half-written (the check used to come after
+    # the reference evaluation had been written).
+    config = tiny_run_config(toy_data, method="nlora", model="tiny-llama", method_options={"form": "code"})
+    with pytest.raises(UserError, match=r"v_proj maps 64 → 32"):
+        run_continual(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_include_scaling_is_refused_with_the_code_form(toy_data):

@@ -108,6 +108,11 @@ class ContinualMethod:
     def stages(self, tasks: list[Task]) -> list[Stage]:
         return [Stage(index=k + 1, name=task.name, train_tasks=[task]) for k, task in enumerate(tasks)]
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model this method cannot adapt (UserError), given the plain model before
+        anything is evaluated or written: `build_session` calls it before the run directory
+        exists, `prepare_model` only after the zero-shot reference stage."""
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import check_target_module_exists
 
 from ..errors import UserError
-from ..models import unwrap
-from ._lora import lora_layers
+from ._lora import lora_config, lora_layers
 from ..domains import non_negative, one_of, option
 from .base import LoraOptions, Stage, register
 from .olora import IncLora
@@ -78,15 +78,17 @@ class NLora(IncLora):
     default_lr = 5e-4
     tuned_lrs = {}  # not swept yet
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        wrapped = super().prepare_model(model)
-        if self.config.form == "code":
-            # N-2: refuse before any training rather than crash inside the first step.
-            for name, layer in lora_layers(unwrap(wrapped)):  # names as in the transformers model
+    def check_model(self, model: torch.nn.Module) -> None:
+        if self.config.form != "code":
+            return
+        # N-2: refuse before the run directory or the reference stage exists, not inside the
+        # first step. The targets are matched with PEFT's own rule, as the adapters will be.
+        config = lora_config(model, self.config, self.default_rank, self.default_alpha)
+        for name, layer in model.named_modules():
+            if isinstance(layer, torch.nn.Linear) and check_target_module_exists(config, name):
                 if layer.in_features != layer.out_features:
                     raise UserError(f"method.form=code needs square target modules (d_in = d_out), but {name} maps "
                                     f"{layer.in_features} → {layer.out_features}: use method.form=paper")
-        return wrapped
 
     def on_task_start(self, model: torch.nn.Module, stage: Stage) -> None:
         super().on_task_start(model, stage)  # pairs: (old A's, new A, new B) per module

@@ -192,6 +192,7 @@ def build_session(config: RunConfig, loaded: LoadedModel | None = None, *, prepa
                                 share_prefix=config.share_prompt_prefix and not config.gradient_checkpointing,
                                 seed=config.seed)
     session = Session(prep, encoder, services, prep.method_class(prep.method_options, services))
+    session.method.check_model(prep.loaded.model)
     if prepare_model:
         session.prepare_model()
     return session
