@@ -132,10 +132,27 @@ def test_shared_prefix_gradient_equals_unshared_on_one_batch(toy_data):
         loss.backward()
         losses[share] = loss.item()
         grads[share] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        assert services.computed_tokens(batch) == batch["input_ids"].numel() - share * 5 * batch["prefix_len"]
+        assert services.computed_tokens(model, batch) == batch["input_ids"].numel() - share * 5 * batch["prefix_len"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-7)
+
+
+def test_computed_tokens_count_the_prefix_whole_where_the_model_cannot_share_it(toy_data):
+    """FLOP accounting follows what the forward does: a model marked as not sharing the prompt
+    prefix (gainlora's gate reads each row's whole prompt) computes every position."""
+    from dealcl.models import SHARES_PROMPT_PREFIX
+    from dealcl.train.batching import collate_train
+
+    loaded = load_model("tiny-llama")
+    task = load_task("toyB", toy_data)
+    encoder = PromptEncoder(loaded.tokenizer, "causal", 512)
+    batch = collate_train([encoder.encode(task, e.sentence, e.label) for e in task.train[:4]], "causal", encoder.pad_id)
+    services = TrainingServices(encoder, "causal", "fp32", torch.device("cpu"), share_prefix=True)
+    whole = batch["input_ids"].numel()
+    assert services.computed_tokens(loaded.model, batch) == whole - 3 * batch["prefix_len"]
+    setattr(loaded.model, SHARES_PROMPT_PREFIX, False)
+    assert services.computed_tokens(loaded.model, batch) == whole
 
 
 def test_importing_dealcl_caps_the_onednn_kernel_cache_unless_the_user_set_it():

@@ -298,7 +298,7 @@ def _train_stage(model, method, stage, items, settings, services, progress, atte
                 services.to_device(collate_train([encoded[i] for i in chunk], services.arch, services.encoder.pad_id))
                 for chunk in micro_batch_chunks(shard, lengths, settings.batch_size, settings.micro_batch_tokens)
             ]
-            computed_tokens += sum(services.computed_tokens(b) for b in micro_batches)
+            computed_tokens += sum(services.computed_tokens(model, b) for b in micro_batches)
             answer_tokens += step_targets
             # With sharded base weights every forward is a collective: a rank with fewer
             # micro-batches runs fillers (a copy of one of the step's examples) that count zero.

@@ -80,7 +80,7 @@ class TrainingServices:
         rows, positions = batch["target_rows"], batch["target_positions"]
         if self.arch == "causal":
             ids, forward = batch["input_ids"], {}
-            shared = batch.get("prefix_len", 0) if self.share_prefix and shares_prompt_prefix(model) else 0
+            shared = self.shared_prefix_len(model, batch)
             cache = prefix_cache(model, ids[:1, :shared], ids.shape[0]) if shared else None
             if cache is not None:
                 forward = dict([cache])
@@ -103,10 +103,17 @@ class TrainingServices:
         )
         return out.logits[rows, positions]
 
-    def computed_tokens(self, batch: dict) -> int:
+    def shared_prefix_len(self, model: torch.nn.Module, batch: dict) -> int:
+        """Prompt positions `answer_logits` computes once for the whole batch (0: none): only
+        decoder-only models share, and not where the model says its rows cannot (gainlora)."""
+        if self.arch != "causal" or not self.share_prefix or not shares_prompt_prefix(model):
+            return 0
+        return batch.get("prefix_len", 0)
+
+    def computed_tokens(self, model: torch.nn.Module, batch: dict) -> int:
         """Token positions the forward computes (FLOP accounting): a shared prefix counts once."""
         ids = batch["input_ids"]
-        shared = batch.get("prefix_len", 0) if self.share_prefix else 0
+        shared = self.shared_prefix_len(model, batch)
         return ids.numel() - (ids.shape[0] - 1) * shared + batch.get("labels", ids[:, :0]).numel()
 
     def batches(self, items: list[TrainItem], batch_size: int) -> Iterator[dict]:
