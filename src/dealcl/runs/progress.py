@@ -29,8 +29,10 @@ class RunProgress:
     def __init__(self, work: Workload, enabled: bool, train_seconds: float = DEFAULT_TRAIN_SECONDS,
                  answer_seconds: float = DEFAULT_ANSWER_SECONDS, label: str = "run") -> None:
         self.train_seconds, self.answer_seconds = train_seconds, answer_seconds
-        total = max(work.seconds(train_seconds, answer_seconds), 1e-9)
-        self.bar = tqdm(total=round(total, 1), desc=label, unit="s", disable=not enabled, position=0,
+        total = work.seconds(train_seconds, answer_seconds)
+        # A finished run re-read (`make demo` a second time) has nothing to show a bar for.
+        self.bar = tqdm(total=round(max(total, 1e-9), 1), desc=label, unit="s", disable=not enabled or total <= 0,
+                        position=0,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left")
 
     def trained(self, examples: int) -> None:
